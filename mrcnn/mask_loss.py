@@ -82,15 +82,17 @@ def mask_loss_reference(mask_logits: Tensor, labels: Tensor, mask_targets: Tenso
     """L_mask as defined in the module docstring: readable, vectorized, differentiable.
 
     mask_logits `[R, K, M, M]` (float32, float16 or bfloat16), labels `[R]` int64,
-    mask_targets `[R, M, M]` -> scalar float32 (computed in float32 whatever the logits dtype).
+    mask_targets `[R, M, M]` -> scalar float32, computed in float32 whatever the logits dtype
+    (float64 for float64 logits, which the gradient checks use).
     """
     check_mask_loss_inputs(mask_logits, labels, mask_targets)
     num_rois = mask_logits.shape[0]
+    dtype = torch.promote_types(mask_logits.dtype, torch.float32)  # accumulate in float32 at least
     if num_rois == 0:  # no positive RoI: a zero that still backpropagates (a zero gradient)
-        return mask_logits.sum().float() * 0
+        return mask_logits.sum().to(dtype) * 0
     roi_index = torch.arange(num_rois, device=labels.device)  # [R]
-    x = mask_logits[roi_index, labels].float()  # [R, M, M]: the mask of each RoI's own class only
-    t = mask_targets.float()  # [R, M, M]
+    x = mask_logits[roi_index, labels].to(dtype)  # [R, M, M]: the mask of each RoI's own class only
+    t = mask_targets.to(dtype)  # [R, M, M]
     # L_mask = mean over r, i, j of softplus(x) - t x
     return (F.softplus(x) - t * x).mean()
 
@@ -152,14 +154,15 @@ def multinomial_mask_loss(mask_logits: Tensor, labels: Tensor, mask_targets: Ten
     num_rois, num_classes = mask_logits.shape[0], mask_logits.shape[1]
     if num_classes < 2:
         raise ValueError(f"a multinomial mask loss needs K >= 2 classes (background and one object), got K = {num_classes}")
+    dtype = torch.promote_types(mask_logits.dtype, torch.float32)  # accumulate in float32 at least
     if num_rois == 0:
-        return mask_logits.sum().float() * 0
+        return mask_logits.sum().to(dtype) * 0
     if bool((labels == 0).any()):
         raise ValueError(f"labels[{int((labels == 0).nonzero()[0, 0])}] = 0 is the background; the multinomial "
                          "loss needs foreground labels in [1, K)")
     roi_index = torch.arange(num_rois, device=labels.device)  # [R]
-    log_p = F.log_softmax(mask_logits.float(), dim=1)  # [R, K, M, M]: the softmax over classes, per pixel
-    t = mask_targets.float()  # [R, M, M]
+    log_p = F.log_softmax(mask_logits.to(dtype), dim=1)  # [R, K, M, M]: a softmax over classes, per pixel
+    t = mask_targets.to(dtype)  # [R, M, M]
     # L = mean over r, i, j of -t log p[k_r] - (1 - t) log p[0]
     return -(t * log_p[roi_index, labels] + (1 - t) * log_p[:, 0]).mean()
 
