@@ -98,7 +98,8 @@ def _mask_loss_forward_kernel(
     u = tl.exp(-tl.abs(x))
     # log1p(u) without a log1p: log(w) * u / (w - 1) with w = 1 + u corrects the rounding of w
     w = 1.0 + u
-    log1p_u = tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+    rounded_away = w == 1.0  # u below half an ulp of 1: log1p(u) = u to float32 precision
+    log1p_u = tl.where(rounded_away, u, tl.log(w) * (u / tl.where(rounded_away, 1.0, w - 1.0)))
     softplus = tl.maximum(x, 0.0) + log1p_u
     loss = tl.where(in_range, softplus - t * x, 0.0)  # l = softplus(x) - t x
     tl.store(partial_ptr + pid, tl.sum(loss, axis=0))

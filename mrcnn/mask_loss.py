@@ -101,11 +101,13 @@ def mask_loss(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor, use_ker
     """L_mask, dispatched to the fastest implementation for the device.
 
     Same arguments and result as `mask_loss_reference`. `use_kernel=None` (the default) runs the
-    fused Triton kernel when `mask_logits` are on CUDA and Triton imports, the reference
-    otherwise; `True` or `False` forces the choice. Both validate their inputs first.
+    fused Triton kernel when `mask_logits` are on CUDA in float32, float16 or bfloat16 and
+    Triton imports, the reference otherwise (float64 included); `True` or `False` forces the
+    choice. Both validate their inputs first.
     """
     if use_kernel is None:
-        use_kernel = isinstance(mask_logits, Tensor) and mask_logits.is_cuda and kernels_available()
+        use_kernel = (isinstance(mask_logits, Tensor) and mask_logits.is_cuda
+                      and mask_logits.dtype in (torch.float32, torch.float16, torch.bfloat16) and kernels_available())
     if use_kernel:
         from kernels.mask_loss import mask_loss as mask_loss_kernel
 
