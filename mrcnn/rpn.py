@@ -1,0 +1,223 @@
+r"""The Region Proposal Network (Faster R-CNN section 3.1; with FPN, FPN section 4.1).
+
+A small network slides over every FPN level. At each location it predicts, for each of the `A`
+anchors there, an *objectness* logit (object or not) and four deltas that refine the anchor
+(the box coding of `mrcnn.boxes`). The same head weights serve all levels.
+
+**Proposals** (inference and training alike): decode every anchor; on each level keep the
+`pre_nms_top_n` highest logits; scores `sigmoid(logit)`; clip to the image; drop boxes
+narrower than 1e-3 pixels and scores below `score_thresh`; NMS at IoU 0.7 within each level;
+keep the `post_nms_top_n` best across levels.
+
+**Loss** (training). Anchors are labelled by `Matcher(0.7, 0.3, allow_low_quality_matches=True)`
+(an image without objects makes all its anchors negative), and 256 per image are sampled, at
+most half positive. With `S` the sampled anchors and `S+` the sampled positives:
+
+    L_objectness = 1/|S| sum_{a in S} BCE(logit_a, label_a)
+    L_box        = 1/|S| sum_{a in S+} smoothL1_{beta=1/9}(t_a - t*_a)       (summed over x, y, w, h)
+
+where `t*_a` encodes the matched ground-truth box from anchor `a`. Proposals do not
+backpropagate into the RPN (the deltas are detached before decoding), as in Faster R-CNN's
+approximate joint training.
+
+Tensors that go through `exp`, `sigmoid` or a reduction are given the same shapes as in
+torchvision (the whole batch at once), since vectorized and scalar code paths may differ in the
+last bit; that makes the proposals equal to torchvision's, not just close.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mrcnn.anchors import AnchorGenerator
+from mrcnn.boxes import BoxCoder, batched_nms, box_iou, clip_boxes, remove_small_boxes
+from mrcnn.matcher import BalancedSampler, Matcher
+
+
+class RPNHead(nn.Module):
+    """3x3 conv + ReLU, then two sibling 1x1 convs: `A` objectness logits and `4A` box deltas.
+
+    Args:
+        in_channels: channels of every FPN level (256).
+        num_anchors: `A`, anchors per location (3).
+    """
+
+    def __init__(self, in_channels: int, num_anchors: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1)
+        self.objectness = nn.Conv2d(in_channels, num_anchors, kernel_size=1)
+        self.box_deltas = nn.Conv2d(in_channels, 4 * num_anchors, kernel_size=1)
+        for layer in (self.conv, self.objectness, self.box_deltas):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.constant_(layer.bias, 0)
+
+    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """features: per level `[N, C, H_l, W_l]` -> (objectness `[N, A, H_l, W_l]`, deltas `[N, 4A, H_l, W_l]`) per level."""
+        objectness, box_deltas = [], []
+        for feature in features:
+            hidden = F.relu(self.conv(feature))
+            objectness.append(self.objectness(hidden))
+            box_deltas.append(self.box_deltas(hidden))
+        return objectness, box_deltas
+
+
+def flatten_predictions(objectness: list[Tensor], box_deltas: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Put the head's outputs in anchor order (location-major, then anchor), levels concatenated.
+
+    Returns objectness `[N, sum_l H_l W_l A]` and deltas `[N, sum_l H_l W_l A, 4]`.
+    """
+    flat_objectness, flat_deltas = [], []
+    for logits, deltas in zip(objectness, box_deltas):
+        n, a, h, w = logits.shape
+        flat_objectness.append(logits.permute(0, 2, 3, 1).reshape(n, h * w * a))  # [N, H_l W_l A]
+        deltas = deltas.view(n, a, 4, h, w).permute(0, 3, 4, 1, 2)  # [N, H_l, W_l, A, 4]
+        flat_deltas.append(deltas.reshape(n, h * w * a, 4))  # [N, H_l W_l A, 4]
+    return torch.cat(flat_objectness, dim=1), torch.cat(flat_deltas, dim=1)
+
+
+class RegionProposalNetwork(nn.Module):
+    """Anchors + head -> proposals, and in training the RPN losses.
+
+    Args:
+        anchor_generator, head: an `AnchorGenerator` and an `RPNHead` with matching `A`.
+        fg_iou_thresh, bg_iou_thresh: the matcher's high and low IoU thresholds.
+        batch_size_per_image, positive_fraction: the sampler's.
+        pre_nms_top_n, post_nms_top_n: `{"training": n, "testing": n}`: proposals kept per level
+            before NMS, and per image after it.
+        nms_thresh: IoU above which a proposal suppresses a lower-scoring one of its level.
+        score_thresh: proposals scoring below it (after the sigmoid) are dropped.
+    """
+
+    def __init__(
+        self,
+        anchor_generator: AnchorGenerator,
+        head: RPNHead,
+        fg_iou_thresh: float = 0.7,
+        bg_iou_thresh: float = 0.3,
+        batch_size_per_image: int = 256,
+        positive_fraction: float = 0.5,
+        pre_nms_top_n: dict[str, int] | None = None,
+        post_nms_top_n: dict[str, int] | None = None,
+        nms_thresh: float = 0.7,
+        score_thresh: float = 0.0,
+    ):
+        super().__init__()
+        self.anchor_generator = anchor_generator
+        self.head = head
+        self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+        self.matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=True)
+        self.sampler = BalancedSampler(batch_size_per_image, positive_fraction)
+        self.pre_nms_top_n = dict(training=2000, testing=1000) if pre_nms_top_n is None else dict(pre_nms_top_n)
+        self.post_nms_top_n = dict(training=2000, testing=1000) if post_nms_top_n is None else dict(post_nms_top_n)
+        self.nms_thresh = nms_thresh
+        self.score_thresh = score_thresh
+        self.min_size = 1e-3
+
+    def forward(
+        self,
+        features: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        padded_size: tuple[int, int],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """Proposals `[R_i, 4]` per image (best first), and the losses (empty dict in eval mode).
+
+        features: per level `[N, C, H_l, W_l]`; image_sizes: `(h, w)` of each resized image
+        before padding; padded_size: `(H, W)` of the padded batch; targets: per image a dict
+        with "boxes" `[G_i, 4]` (required in training).
+        """
+        if self.training and targets is None:
+            raise ValueError("the RPN needs targets (ground-truth boxes) in training mode")
+        if len(image_sizes) != features[0].shape[0]:
+            raise ValueError(f"{len(image_sizes)} image sizes for a batch of {features[0].shape[0]} feature maps")
+        num_images = features[0].shape[0]
+        objectness, box_deltas = self.head(features)
+        anchors_per_level = self.anchor_generator(
+            padded_size, [f.shape[-2:] for f in features], device=features[0].device, dtype=features[0].dtype
+        )
+        num_anchors_per_level = [a.shape[0] for a in anchors_per_level]
+        anchors = torch.cat(anchors_per_level)  # [T, 4], T anchors per image
+        objectness, box_deltas = flatten_predictions(objectness, box_deltas)  # [N, T], [N, T, 4]
+
+        # decode every anchor of every image at once; no gradient flows through the proposals
+        all_anchors = anchors.repeat(num_images, 1)  # [N T, 4]
+        proposals = self.box_coder.decode(box_deltas.detach().reshape(-1, 4), all_anchors)  # [N T, 1, 4]
+        proposals = proposals.view(num_images, -1, 4)  # [N, T, 4]
+        boxes = self.select_proposals(proposals, objectness.detach(), image_sizes, num_anchors_per_level)
+
+        losses = {}
+        if self.training:
+            labels, matched_boxes = self.assign_targets(anchors, targets)
+            regression_targets = self.box_coder.encode(torch.cat(matched_boxes), all_anchors)  # [N T, 4]
+            losses = self.loss(objectness, box_deltas, labels, regression_targets)
+        return boxes, losses
+
+    def select_proposals(
+        self, proposals: Tensor, objectness: Tensor, image_sizes: list[tuple[int, int]], num_anchors_per_level: list[int]
+    ) -> list[Tensor]:
+        """proposals `[N, T, 4]`, objectness `[N, T]` logits -> per image `[R_i, 4]`, best first."""
+        mode = "training" if self.training else "testing"
+        num_images = proposals.shape[0]
+        levels = torch.cat(
+            [torch.full((n,), level, dtype=torch.int64, device=proposals.device) for level, n in enumerate(num_anchors_per_level)]
+        )  # [T]
+
+        # the pre_nms_top_n highest logits of each level (indices into T)
+        top_indices, offset = [], 0
+        for logits in objectness.split(num_anchors_per_level, dim=1):  # [N, T_l]
+            k = min(self.pre_nms_top_n[mode], logits.shape[1])
+            top_indices.append(logits.topk(k, dim=1).indices + offset)  # [N, k]
+            offset += logits.shape[1]
+        top_indices = torch.cat(top_indices, dim=1)  # [N, K]
+        image_index = torch.arange(num_images, device=proposals.device)[:, None]  # [N, 1]
+        scores = torch.sigmoid(objectness[image_index, top_indices])  # [N, K]
+        proposals = proposals[image_index, top_indices]  # [N, K, 4]
+        levels = levels[top_indices]  # [N, K]
+
+        selected = []
+        for boxes, scores_i, levels_i, image_size in zip(proposals, scores, levels, image_sizes):
+            boxes = clip_boxes(boxes, image_size)  # [K, 4]
+            keep = remove_small_boxes(boxes, self.min_size)
+            boxes, scores_i, levels_i = boxes[keep], scores_i[keep], levels_i[keep]
+            keep = torch.where(scores_i >= self.score_thresh)[0]
+            boxes, scores_i, levels_i = boxes[keep], scores_i[keep], levels_i[keep]
+            keep = batched_nms(boxes, scores_i, levels_i, self.nms_thresh)  # NMS within each level, best first
+            selected.append(boxes[keep[: self.post_nms_top_n[mode]]])  # [R_i, 4]
+        return selected
+
+    def assign_targets(self, anchors: Tensor, targets: list[dict[str, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+        """Label each anchor of each image, and give it the box it should regress to.
+
+        anchors `[T, 4]` -> labels per image `[T]` float32 (1 object, 0 background, -1 ignored),
+        matched boxes per image `[T, 4]` (meaningful for the positives only).
+        """
+        labels, matched_boxes = [], []
+        for target in targets:
+            gt_boxes = target["boxes"]  # [G, 4]
+            if gt_boxes.numel() == 0:  # an image without objects: every anchor is background
+                labels.append(torch.zeros(anchors.shape[0], dtype=torch.float32, device=anchors.device))
+                matched_boxes.append(torch.zeros(anchors.shape, dtype=torch.float32, device=anchors.device))
+                continue
+            matched_gt_index = self.matcher(box_iou(gt_boxes, anchors))  # [T]
+            matched_boxes.append(gt_boxes[matched_gt_index.clamp(min=0)])  # [T, 4]
+            label = (matched_gt_index >= 0).to(torch.float32)  # [T]
+            label[matched_gt_index == Matcher.BETWEEN_THRESHOLDS] = -1.0
+            labels.append(label)
+        return labels, matched_boxes
+
+    def loss(self, objectness: Tensor, box_deltas: Tensor, labels: list[Tensor], regression_targets: Tensor) -> dict[str, Tensor]:
+        """objectness `[N, T]`, box_deltas `[N, T, 4]`, labels per image `[T]`, regression_targets `[N T, 4]`."""
+        positive_masks, negative_masks = self.sampler(labels)
+        positive = torch.where(torch.cat(positive_masks))[0]  # [S+], indices into N T
+        negative = torch.where(torch.cat(negative_masks))[0]  # [S-]
+        sampled = torch.cat([positive, negative])  # [S]
+        labels = torch.cat(labels)  # [N T]
+        # L_objectness = mean over S of BCE(logit, label)
+        objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels[sampled])
+        # L_box = sum over S+ of smoothL1_{1/9}(t - t*) / |S|
+        box_loss = F.smooth_l1_loss(
+            box_deltas.reshape(-1, 4)[positive], regression_targets[positive], beta=1 / 9, reduction="sum"
+        ) / sampled.numel()
+        return {"loss_objectness": objectness_loss, "loss_rpn_box_reg": box_loss}
