@@ -1,0 +1,119 @@
+"""One frozen dataclass holds every setting of the model; named presets fill it in.
+
+The defaults are the paper's (section 3.1, "Implementation Details") as implemented by
+torchvision's `maskrcnn_resnet50_fpn`. A variant is a new preset function, not a flag deep
+inside a module: `dataclasses.replace(config, field=value)` derives one from another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class MaskRCNNConfig:
+    # --- data and transform -------------------------------------------------------------
+    num_classes: int = 91  # K, background included (COCO's 80 categories keep their 1..90 ids in torchvision)
+    min_size: int | tuple[int, ...] = 800  # shorter image side after resizing; a tuple picks one at random in training
+    max_size: int = 1333  # cap on the longer side
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet statistics: the backbone was pretrained on them
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    size_divisible: int = 32  # pad so that every FPN level divides the image exactly
+
+    # --- backbone and FPN ---------------------------------------------------------------
+    backbone: Literal["resnet50", "resnet101", "small"] = "resnet50"
+    fpn: bool = True  # False: the C4 design, RoI features from C4 and res5 as the head
+    fpn_channels: int = 256
+    trainable_stages: int = 3  # layer2..layer4 train, stem and layer1 stay frozen (paper: frozen BN, ImageNet init)
+
+    # --- anchors and RPN (section 3, "Faster R-CNN"; FPN paper for the sizes) -------------
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one size per level P2..P6
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    rpn_pre_nms_top_n_train: int = 2000  # per level, before NMS
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_train: int = 2000  # per image, after NMS
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_nms_thresh: float = 0.7
+    rpn_fg_iou_thresh: float = 0.7  # anchors with IoU >= 0.7 are positive ...
+    rpn_bg_iou_thresh: float = 0.3  # ... < 0.3 negative, in between ignored
+    rpn_batch_size_per_image: int = 256  # anchors sampled per image for the RPN loss
+    rpn_positive_fraction: float = 0.5
+    rpn_score_thresh: float = 0.0
+
+    # --- RoI heads (section 3.1: "a RoI is positive if its IoU with a ground-truth box is at least 0.5")
+    roi_aligned: bool = False  # torchvision keeps the legacy RoIAlign; Detectron2 uses the half-pixel shift
+    roi_sampling_ratio: int = 2  # samples per bin side; <= 0 is adaptive
+    box_pool_size: int = 7
+    mask_pool_size: int = 14
+    box_fg_iou_thresh: float = 0.5
+    box_bg_iou_thresh: float = 0.5
+    box_batch_size_per_image: int = 512  # "N sampled RoIs per image ... 512 for FPN"
+    box_positive_fraction: float = 0.25  # "a ratio of 1:3 of positive to negatives"
+    box_coder_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
+    representation_size: int = 1024  # the two fc layers of the box head
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    detections_per_image: int = 100  # "the top 100 scoring boxes"
+
+    # --- mask branch (section 3, "Mask Representation") ---------------------------------
+    mask: bool = True  # False gives Faster R-CNN (the box-detection chapter)
+    mask_head_channels: tuple[int, ...] = (256, 256, 256, 256)  # four 3x3 convs
+    mask_predictor_channels: int = 256  # the 2x2 deconvolution
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must count the background and at least one class, got {self.num_classes}")
+        if self.backbone not in ("resnet50", "resnet101", "small"):
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose resnet50, resnet101 or small")
+        if len(self.anchor_sizes) != 5 and self.fpn:
+            raise ValueError(f"the FPN model needs one anchor size per level P2..P6, got {self.anchor_sizes}")
+
+    def replace(self, **changes) -> "MaskRCNNConfig":
+        """A copy with some fields changed (the dataclass is frozen)."""
+        return dataclasses.replace(self, **changes)
+
+
+def torchvision_maskrcnn_resnet50_fpn(num_classes: int = 91) -> MaskRCNNConfig:
+    """The exact configuration of torchvision's `maskrcnn_resnet50_fpn` (v1 weights load into it)."""
+    return MaskRCNNConfig(num_classes=num_classes)
+
+
+def detectron2_r50_fpn_1x(num_classes: int = 81) -> MaskRCNNConfig:
+    """Detectron2's `mask_rcnn_R_50_FPN_1x`: aligned RoIAlign with adaptive sampling, 80 classes + background."""
+    return MaskRCNNConfig(num_classes=num_classes, roi_aligned=True, roi_sampling_ratio=0, rpn_post_nms_top_n_train=1000)
+
+
+def shapes_small(num_classes: int = 5) -> MaskRCNNConfig:
+    """A small model for the synthetic shapes data set that trains in minutes on a 2-core CPU.
+
+    Small images, a narrow ResNet with basic blocks, fewer proposals and RoIs, and anchors
+    sized for objects of 16 to 64 pixels. Everything else is the paper's design.
+    """
+    return MaskRCNNConfig(
+        num_classes=num_classes,
+        min_size=128,
+        max_size=128,
+        backbone="small",
+        fpn_channels=64,
+        trainable_stages=5,  # trained from scratch: nothing is frozen
+        anchor_sizes=(8, 16, 32, 64, 128),
+        rpn_pre_nms_top_n_train=600,
+        rpn_pre_nms_top_n_test=300,
+        rpn_post_nms_top_n_train=300,
+        rpn_post_nms_top_n_test=100,
+        rpn_batch_size_per_image=128,
+        box_batch_size_per_image=128,
+        representation_size=256,
+        mask_head_channels=(64, 64, 64, 64),
+        mask_predictor_channels=64,
+        detections_per_image=50,
+    )
+
+
+PRESETS = {
+    "torchvision_maskrcnn_resnet50_fpn": torchvision_maskrcnn_resnet50_fpn,
+    "detectron2_r50_fpn_1x": detectron2_r50_fpn_1x,
+    "shapes_small": shapes_small,
+}
