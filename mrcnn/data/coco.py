@@ -84,7 +84,9 @@ def segmentation_to_mask(segmentation: list | dict, height: int, width: int) -> 
         rle = mask_utils.frPyObjects(segmentation, height, width)
     else:
         rle = segmentation
-    return mask_utils.decode(rle)
+    with warnings.catch_warnings():  # pycocotools under numpy 2 warns about its own __array__
+        warnings.filterwarnings("ignore", "__array__ implementation doesn't accept a copy", DeprecationWarning)
+        return mask_utils.decode(rle)
 
 
 class CocoDataset(torch.utils.data.Dataset):

@@ -1,0 +1,186 @@
+r"""COCO evaluation with pycocotools: the numbers of the paper's tables (section 4).
+
+A detection is matched to an unmatched ground-truth object of its category, in order of
+decreasing score, when their intersection over union reaches a threshold t:
+
+    IoU(a, b) = |a ∩ b| / |a ∪ b|        (boxes: areas; masks: pixel counts)
+
+Going down the score-sorted list gives a precision-recall curve; AP_t is the area under it,
+read at 101 recall points r in {0, 0.01, ..., 1} with precision made monotone
+(p_interp(r) = max_{r' >= r} p(r')), and averaged over the categories:
+
+    AP_t = 1/|K| sum_k 1/101 sum_r p_interp_k(r)
+    AP   = 1/10 sum_{t in {0.50, 0.55, ..., 0.95}} AP_t       ("AP" in the paper: COCO's metric)
+
+AP50 and AP75 are AP_t at one threshold; APs, APm, APl count only objects of area < 32^2,
+32^2..96^2, > 96^2 pixels. AR_n is the recall with at most n detections an image, averaged over
+the same thresholds. Crowd regions are "ignore": a detection on one is neither right nor wrong.
+"bbox" compares boxes, "segm" the masks: the paper reports mask AP (Table 1-3) and box AP
+(Table 3). COCOeval computes all of it; this module turns the model's detections into its input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
+
+from mrcnn.data.coco import CocoDataset, collate
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+RESULT_KEY = {"bbox": "bbox", "segm": "segmentation"}  # which field of a result each IoU type reads
+
+
+def detections_to_coco_results(
+    detections: list[dict], image_ids: list[int], label_to_category_id, mask_threshold: float = 0.5
+) -> list[dict]:
+    """Turn the model's detections into COCO's results format, one dict per detection.
+
+    detections: one dict per image, {"boxes": float [D, 4] (x1, y1, x2, y2) in the original
+    image's pixels, "labels": int64 [D], "scores": float [D], and optionally "masks": float
+    [D, 1, H, W] probabilities}. Each result is {"image_id", "category_id", "bbox": [x, y, w, h],
+    "score"} plus "segmentation", the RLE (counts as str) of the mask binarized at
+    `mask_threshold` (paper section 3: "binarized at a threshold of 0.5").
+    label_to_category_id: maps a label to the data set's category id (a dict or a sequence).
+    """
+    if len(detections) != len(image_ids):
+        raise ValueError(f"got detections for {len(detections)} images but {len(image_ids)} image ids")
+    results = []
+    for detection, image_id in zip(detections, image_ids):
+        boxes = detection["boxes"].detach().to("cpu", torch.float64)  # [D, 4]
+        scores = detection["scores"].detach().cpu().tolist()  # [D]
+        labels = detection["labels"].detach().cpu().tolist()  # [D]
+        if boxes.dim() != 2 or boxes.shape[1] != 4 or not (len(boxes) == len(scores) == len(labels)):
+            raise ValueError(f"image {image_id}: boxes {tuple(boxes.shape)}, {len(scores)} scores and "
+                             f"{len(labels)} labels do not describe the same detections")  # fmt: skip
+        widths_heights = boxes[:, 2:] - boxes[:, :2]  # [D, 2]
+        xywh = torch.cat([boxes[:, :2], widths_heights], dim=1).tolist()  # [D, 4]: COCO's box format
+        rles = []
+        if "masks" in detection and len(boxes):
+            masks = detection["masks"].detach()
+            if masks.dim() != 4 or masks.shape[:2] != (len(boxes), 1):
+                raise ValueError(f"image {image_id}: masks must be [D, 1, H, W] with D = {len(boxes)}, got {tuple(masks.shape)}")
+            binary = (masks[:, 0] >= mask_threshold).to("cpu", torch.uint8).numpy()  # [D, H, W]
+            rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))  # COCO wants [H, W, D], column-major
+        for d in range(len(boxes)):
+            try:
+                category_id = label_to_category_id[labels[d]]
+            except (KeyError, IndexError):
+                raise ValueError(f"image {image_id}: label {labels[d]} has no category id (background or out of range)") from None
+            result = {"image_id": int(image_id), "category_id": int(category_id), "bbox": xywh[d], "score": float(scores[d])}
+            if rles:
+                result["segmentation"] = {"size": rles[d]["size"], "counts": rles[d]["counts"].decode("ascii")}
+            results.append(result)
+    return results
+
+
+def _no_results(coco_gt: COCO) -> COCO:
+    """A results index with no detections, which pycocotools' `loadRes` cannot make."""
+    empty = COCO()
+    empty.dataset = {"images": copy.deepcopy(coco_gt.dataset["images"]), "annotations": [],
+                     "categories": copy.deepcopy(coco_gt.dataset["categories"])}  # fmt: skip
+    empty.createIndex()
+    return empty
+
+
+def coco_evaluate(
+    coco_gt: COCO, results: list[dict], iou_types=("bbox", "segm"), image_ids=None, verbose: bool = True
+) -> dict[str, dict[str, float]]:
+    """Run COCOeval for each IoU type and return {"bbox": {"AP": .., ...}, "segm": {...}}.
+
+    results: COCO results (see `detections_to_coco_results`); may be empty (AP 0 where there
+    are objects). image_ids: evaluate only these images (default: all images of `coco_gt`), as
+    when a model ran on part of the data set. Prints COCO's 12-line table per type if verbose.
+    A value of -1 means "undefined": no ground truth of that kind (e.g. no large objects).
+    """
+    for iou_type in iou_types:
+        if iou_type not in RESULT_KEY:
+            raise ValueError(f"iou_types must be among {tuple(RESULT_KEY)}, got {iou_type!r}")
+    known = set(coco_gt.getImgIds())
+    unknown = sorted({r["image_id"] for r in results} - known) + sorted(set(image_ids or ()) - known)
+    if unknown:
+        raise ValueError(f"image id {unknown[0]} is not in the ground truth")
+    metrics = {}
+    for iou_type in iou_types:
+        key = RESULT_KEY[iou_type]
+        typed = [{"image_id": r["image_id"], "category_id": r["category_id"], "score": r["score"], key: r[key]}
+                 for r in results if key in r]  # fmt: skip
+        if len(typed) < len(results):
+            raise ValueError(f"{len(results) - len(typed)} results have no '{key}' to evaluate '{iou_type}' with")
+        chatter = io.StringIO()  # pycocotools prints progress; keep only the table
+        with contextlib.redirect_stdout(chatter):
+            # loadRes fills in area (and the box of a mask) itself; typed copies keep `results` intact
+            coco_dt = coco_gt.loadRes(typed) if typed else _no_results(coco_gt)
+            evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+            if image_ids is not None:
+                evaluator.params.imgIds = sorted(set(image_ids))
+            evaluator.evaluate()
+            evaluator.accumulate()
+        with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(chatter):
+            print(f"IoU metric: {iou_type}")
+            evaluator.summarize()
+        metrics[iou_type] = {name: float(value) for name, value in zip(METRIC_NAMES, evaluator.stats)}
+    return metrics
+
+
+def _coco_dataset(dataset) -> CocoDataset:
+    """The `CocoDataset` under `dataset` (which may be a `Subset` of one)."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    if not isinstance(dataset, CocoDataset):
+        raise ValueError(f"evaluate needs a CocoDataset (or a Subset of one), got {type(dataset).__name__}")
+    return dataset
+
+
+def evaluate(
+    model: torch.nn.Module,
+    dataset,
+    device: str | torch.device = "cpu",
+    batch_size: int = 1,
+    output_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    num_workers: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Run `model` over `dataset` in eval mode and score its detections with COCOeval.
+
+    model(images) takes a list of float [3, H, W] images and returns one detection dict per
+    image, boxes and masks in the original image's pixels. Box AP is always computed, mask AP
+    when the detections carry masks. With `output_dir`, writes `detections.json` (COCO results)
+    and `metrics.json` there. The model's train/eval mode is restored afterwards.
+    """
+    coco_dataset = _coco_dataset(dataset)
+    if coco_dataset.train:
+        raise ValueError("evaluate needs a dataset built with train=False: flipping would move the objects")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                                         num_workers=num_workers)  # fmt: skip
+    was_training = model.training
+    model.eval()
+    results, image_ids, with_masks = [], [], False
+    try:
+        with torch.inference_mode():
+            for images, targets in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
+                detections = model([image.to(device) for image in images])
+                ids = [target["image_id"] for target in targets]
+                with_masks = with_masks or any("masks" in detection for detection in detections)
+                results += detections_to_coco_results(detections, ids, coco_dataset.label_to_category_id)
+                image_ids += ids
+    finally:
+        model.train(was_training)
+    iou_types = ("bbox", "segm") if with_masks else ("bbox",)
+    metrics = coco_evaluate(coco_dataset.coco, results, iou_types, image_ids=image_ids)
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "detections.json").write_text(json.dumps(results))
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
