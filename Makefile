@@ -38,7 +38,7 @@ book: $(STAMP)
 	$(VENV)/bin/mkdocs serve
 
 notebooks: $(STAMP)
-	$(VENV)/bin/jupytext --to ipynb book/*.py
+	$(VENV)/bin/jupytext --set-kernel python3 --to ipynb book/*.py
 
 clean:
 	rm -rf $(VENV) site runs

@@ -1,0 +1,140 @@
+"""mkdocs hooks that finish the book's site (loaded by mkdocs.yml: `hooks: [tools/book_hooks.py]`).
+
+mkdocs-jupyter executes every chapter (`book/*.py`, jupytext percent format) and renders it
+with nbconvert. Three things are added here:
+
+1. **A cache that knows the library.** mkdocs-jupyter caches a rendered chapter under a key
+   made of the chapter's text and the plugin options. A chapter's output also depends on the
+   code it imports, so the cache lives in a folder named after a fingerprint of `mrcnn/` and
+   `kernels/`: change the library and every chapter runs again. The folder is
+   `build/book-cache/<fingerprint>` (or `$MRCNN_BOOK_CACHE/<fingerprint>`; the tests point it
+   at a temporary folder); older fingerprints are deleted.
+2. **Offline math.** nbconvert's page template loads MathJax 2 (and mermaid) from a CDN. Those
+   tags are removed; the math in chapters is rendered by the KaTeX copy that ships with the
+   site (`book/javascripts/math.js`). A chapter page that still loads a script or stylesheet
+   from the network is reported as a warning, which fails `mkdocs build --strict`.
+3. **Downloads.** Next to every chapter page the site holds `<chapter>.py` (copied by
+   mkdocs-jupyter's `include_source`) and `<chapter>.ipynb`, written here without outputs;
+   the page links both under its title.
+
+`execute_chapter` runs one chapter through the same plugin code the build uses, filling the
+same cache; tests/test_book.py uses it so that a later site build does not run the chapters
+a second time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+log = logging.getLogger("mkdocs.hooks.book")
+
+CACHE_ENV = "MRCNN_BOOK_CACHE"
+LIBRARY_PACKAGES = ("mrcnn", "kernels")
+JUPYTER_PLUGIN = "mkdocs-jupyter"
+
+_MATHJAX_BLOCK = re.compile(r"<!-- Load mathjax -->.*?<!-- End of mathjax configuration -->", re.DOTALL)
+_MERMAID_SCRIPT = re.compile(r"<script type=\"module\">(?:(?!</script>).)*?mermaid(?:(?!</script>).)*</script>", re.DOTALL)
+_REMOTE_ASSET = re.compile(r"<(?:script|link)\b[^>]*\b(?:src|href)=[\"'](?:https?:)?//[^\"']+", re.IGNORECASE)
+_FIRST_H1_END = re.compile(r"</h1>", re.IGNORECASE)
+
+
+def library_fingerprint(root: Path) -> str:
+    """A short sha256 of every `.py` file of `mrcnn/` and `kernels/` under `root` (path and bytes)."""
+    digest = hashlib.sha256()
+    for package in LIBRARY_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(b"\0")
+            digest.update(path.read_bytes())
+            digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _root(config) -> Path:
+    return Path(config.config_file_path).resolve().parent
+
+
+def _is_chapter(page) -> bool:
+    return page.file.src_uri.endswith(".py")
+
+
+def configure_cache(config) -> None:
+    """Point mkdocs-jupyter's cache at `<cache root>/<library fingerprint>`, dropping older ones."""
+    plugin = config.plugins.get(JUPYTER_PLUGIN)
+    if plugin is None or not plugin.config.get("cache", False):
+        return
+    root = _root(config)
+    cache_root = Path(os.environ.get(CACHE_ENV) or root / "build" / "book-cache")
+    cache_dir = cache_root / library_fingerprint(root)
+    if cache_root.is_dir():
+        for stale in cache_root.iterdir():
+            if stale.is_dir() and stale != cache_dir:
+                shutil.rmtree(stale, ignore_errors=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    plugin.config["cache_dir"] = str(cache_dir)
+
+
+def on_config(config):
+    configure_cache(config)
+    return config
+
+
+def _downloads(stem: str) -> str:
+    return (
+        '<div class="book-downloads">'
+        f'<a class="md-button md-button--primary" href="{stem}.ipynb" download>Download notebook (.ipynb)</a> '
+        f'<a class="md-button" href="{stem}.py" download>Download source (.py)</a>'
+        "</div>"
+    )
+
+
+def on_page_content(html, page, config, files):
+    if not _is_chapter(page):
+        return html
+    html = _MATHJAX_BLOCK.sub("", html)
+    html = _MERMAID_SCRIPT.sub("", html)
+    for remote in _REMOTE_ASSET.findall(html):
+        log.warning("%s loads an asset from the network, which breaks the offline site: %s", page.file.src_uri, remote)
+    stem = Path(page.file.src_uri).stem
+    match = _FIRST_H1_END.search(html)
+    at = match.end() if match else 0
+    return html[:at] + _downloads(stem) + html[at:]
+
+
+def on_post_page(output, page, config):
+    if _is_chapter(page):
+        import jupytext
+
+        notebook = jupytext.read(page.file.abs_src_path)
+        notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        target = Path(page.file.abs_dest_path).parent / f"{Path(page.file.src_uri).stem}.ipynb"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        jupytext.write(notebook, target, fmt="ipynb")
+    return output
+
+
+def execute_chapter(chapter: Path, config) -> str:
+    """Execute and render one chapter exactly as `mkdocs build` does; return the page's HTML.
+
+    `config` is the book's loaded mkdocs config (`mkdocs.config.load_config("mkdocs.yml")`).
+    Uses mkdocs-jupyter's own page hooks, so the result lands in the same cache the build reads.
+    Raises nbclient's `CellExecutionError` (with the cell and the traceback) if a cell fails.
+    """
+    from mkdocs.structure.files import File, Files
+    from mkdocs.structure.pages import Page
+
+    configure_cache(config)
+    plugin = config.plugins[JUPYTER_PLUGIN]
+    plugin.on_pre_build(config=config)
+    chapter = Path(chapter).resolve()
+    file = File(chapter.relative_to(Path(config.docs_dir).resolve()).as_posix(), config.docs_dir, config.site_dir, config.use_directory_urls)
+    files = Files([file])
+    page = Page(None, file, config)
+    plugin.on_pre_page(page, config=config, files=files)
+    page.render(config, files)
+    return page.content
