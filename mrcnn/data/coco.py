@@ -169,23 +169,24 @@ class CocoDataset(torch.utils.data.Dataset):
             records[image["id"]] = image
         return records
 
-    def _open(self, path: Path, image: dict, load: bool = False) -> Image.Image:
+    def _open(self, path: Path, image: dict, load: bool = False) -> Image.Image | None:
+        """Check the image file against its record; with `load`, return its pixels as RGB."""
         try:
-            picture = Image.open(path)
-            if load:
-                picture = picture.convert("RGB")  # grey, palette, RGBA (alpha dropped), CMYK -> RGB
+            with Image.open(path) as picture:  # reads the header only, until converted
+                size = picture.size
+                rgb = picture.convert("RGB") if load else None  # grey, palette, RGBA (alpha dropped), CMYK
         except Exception as error:  # PIL raises several kinds for a broken file
             raise DatasetError(f"image file {path} (image id {image['id']}) cannot be read: {error}") from error
-        if picture.size != (image["width"], image["height"]):
+        if size != (image["width"], image["height"]):
             raise DatasetError(
-                f"image file {path} (image id {image['id']}) is {picture.size[0]}x{picture.size[1]} (width x height) "
+                f"image file {path} (image id {image['id']}) is {size[0]}x{size[1]} (width x height) "
                 f"but {self.annotation_file} says {image['width']}x{image['height']}"
             )
-        return picture
+        return rgb
 
     def _read_annotations(self, annotations: list) -> dict[int, list]:
         targets: dict[int, list] = {image_id: [] for image_id in self.images}
-        skipped: dict[str, list] = {"a box with no width or height inside the image": [], "no polygon of 3+ points inside the image": []}
+        skipped: dict[str, list] = {"a box of no width or height inside the image": [], "no polygon of 3+ points inside the image": []}
         seen: set[int] = set()
         for position, annotation in enumerate(annotations):
             if not isinstance(annotation, dict) or not _integer(annotation.get("id")):
@@ -217,7 +218,7 @@ class CocoDataset(torch.utils.data.Dataset):
             x, y, w, h = bbox
             box = [min(max(x, 0), width), min(max(y, 0), height), min(max(x + w, 0), width), min(max(y + h, 0), height)]
             if not (box[2] > box[0] and box[3] > box[1]):
-                skipped["a box with no width or height inside the image"].append(annotation["id"])
+                skipped["a box of no width or height inside the image"].append(annotation["id"])
             elif not segmentation:
                 skipped["no polygon of 3+ points inside the image"].append(annotation["id"])
             else:
