@@ -69,15 +69,18 @@ def detections_to_coco_results(
         if "masks" in detection and len(boxes):
             masks = detection["masks"].detach()
             if masks.dim() != 4 or masks.shape[:2] != (len(boxes), 1):
-                raise ValueError(f"image {image_id}: masks must be [D, 1, H, W] with D = {len(boxes)}, got {tuple(masks.shape)}")
+                shape = tuple(masks.shape)
+                raise ValueError(f"image {image_id}: masks must be [D, 1, H, W] with D = {len(boxes)}, got {shape}")
             binary = (masks[:, 0] >= mask_threshold).to("cpu", torch.uint8).numpy()  # [D, H, W]
-            rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))  # COCO wants [H, W, D], column-major
+            rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))  # [H, W, D] column-major
         for d in range(len(boxes)):
             try:
                 category_id = label_to_category_id[labels[d]]
             except (KeyError, IndexError):
-                raise ValueError(f"image {image_id}: label {labels[d]} has no category id (background or out of range)") from None
-            result = {"image_id": int(image_id), "category_id": int(category_id), "bbox": xywh[d], "score": float(scores[d])}
+                message = f"image {image_id}: label {labels[d]} has no category id (background or out of range)"
+                raise ValueError(message) from None
+            result = {"image_id": int(image_id), "category_id": int(category_id), "bbox": xywh[d],
+                      "score": float(scores[d])}  # fmt: skip
             if rles:
                 result["segmentation"] = {"size": rles[d]["size"], "counts": rles[d]["counts"].decode("ascii")}
             results.append(result)

@@ -50,6 +50,14 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _finite_numbers(values: list) -> bool:
+    """All entries are finite numbers (one C-speed sum: a string or None raises, NaN/inf propagate)."""
+    try:
+        return math.isfinite(sum(values))
+    except TypeError:
+        return False
+
+
 def _integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -64,7 +72,7 @@ def load_annotation_file(annotation_file: str | os.PathLike) -> dict:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DatasetError(f"annotation file {path} is not valid JSON: {error}") from error
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("categories"), list):
+    if not isinstance(data, dict) or not all(isinstance(data.get(key), list) for key in ("images", "categories")):
         raise DatasetError(f"annotation file {path} needs a JSON object with lists 'images' and 'categories'")
     if not isinstance(data.setdefault("annotations", []), list):
         raise DatasetError(f"annotation file {path}: 'annotations' must be a list")
@@ -144,7 +152,8 @@ class CocoDataset(torch.utils.data.Dataset):
     def _read_categories(self, categories: list) -> dict[int, str]:
         names: dict[int, str] = {}
         for position, category in enumerate(categories):
-            if not isinstance(category, dict) or not _integer(category.get("id")) or not isinstance(category.get("name"), str):
+            fields = category if isinstance(category, dict) else {}
+            if not _integer(fields.get("id")) or not isinstance(fields.get("name"), str):
                 raise self._error(f"category #{position} needs an integer 'id' and a string 'name', got {category!r}")
             if category["id"] in names or category["id"] <= 0:
                 raise self._error(f"category id {category['id']} is repeated or not positive (0 is the background)")
@@ -156,14 +165,16 @@ class CocoDataset(torch.utils.data.Dataset):
             raise DatasetError(f"image folder {self.image_dir} (for {self.annotation_file}) does not exist")
         records: dict[int, dict] = {}
         for position, image in enumerate(images):
-            fields_ok = isinstance(image, dict) and _integer(image.get("id")) and isinstance(image.get("file_name"), str)
-            if not fields_ok or not all(_integer(image.get(k)) and image[k] > 0 for k in ("height", "width")):
-                raise self._error(f"image #{position} needs an integer 'id', 'file_name', positive integer 'height' and 'width'")
+            named = isinstance(image, dict) and _integer(image.get("id")) and isinstance(image.get("file_name"), str)
+            if not named or not all(_integer(image.get(k)) and image[k] > 0 for k in ("height", "width")):
+                raise self._error(f"image #{position} needs an integer 'id', a 'file_name', and positive integers "
+                                  "'height' and 'width'")  # fmt: skip
             if image["id"] in records:
                 raise self._error(f"image id {image['id']} is repeated")
             path = self.image_dir / image["file_name"]
             if not path.is_file():
-                raise DatasetError(f"image file {path} (image id {image['id']} of {self.annotation_file}) does not exist")
+                where = f"image id {image['id']} of {self.annotation_file}"
+                raise DatasetError(f"image file {path} ({where}) does not exist")
             if verify:
                 self._open(path, image)
             records[image["id"]] = image
@@ -186,7 +197,8 @@ class CocoDataset(torch.utils.data.Dataset):
 
     def _read_annotations(self, annotations: list) -> dict[int, list]:
         targets: dict[int, list] = {image_id: [] for image_id in self.images}
-        skipped: dict[str, list] = {"a box of no width or height inside the image": [], "no polygon of 3+ points inside the image": []}
+        no_box, no_polygon = "a box of no width or height inside the image", "no polygon of 3+ points inside the image"
+        skipped: dict[str, list] = {no_box: [], no_polygon: []}  # reason -> annotation ids
         seen: set[int] = set()
         for position, annotation in enumerate(annotations):
             if not isinstance(annotation, dict) or not _integer(annotation.get("id")):
@@ -209,18 +221,20 @@ class CocoDataset(torch.utils.data.Dataset):
             if annotation["iscrowd"] not in (0, 1) or not _number(annotation["area"]):
                 raise self._error(f"{where} needs 'iscrowd' 0 or 1 and a finite number 'area'")
             bbox = annotation["bbox"]
-            if not isinstance(bbox, list) or len(bbox) != 4 or not all(_number(v) for v in bbox):
+            if not isinstance(bbox, list) or len(bbox) != 4 or not _finite_numbers(bbox):
                 raise self._error(f"{where} has bbox {bbox!r}; expected [x, y, width, height] of finite numbers")
             segmentation = self._check_segmentation(annotation["segmentation"], image, where)
             if annotation["iscrowd"]:
                 continue  # crowds are ignore regions for COCOeval, never training targets
             width, height = image["width"], image["height"]
             x, y, w, h = bbox
-            box = [min(max(x, 0), width), min(max(y, 0), height), min(max(x + w, 0), width), min(max(y + h, 0), height)]
-            if not (box[2] > box[0] and box[3] > box[1]):
-                skipped["a box of no width or height inside the image"].append(annotation["id"])
+            x1, x2 = min(max(x, 0), width), min(max(x + w, 0), width)  # clipped to the image, as torchvision does
+            y1, y2 = min(max(y, 0), height), min(max(y + h, 0), height)
+            box = [x1, y1, x2, y2]
+            if not (x2 > x1 and y2 > y1):
+                skipped[no_box].append(annotation["id"])
             elif not segmentation:
-                skipped["no polygon of 3+ points inside the image"].append(annotation["id"])
+                skipped[no_polygon].append(annotation["id"])
             else:
                 label = self.category_id_to_label[annotation["category_id"]]
                 targets[image["id"]].append((label, box, segmentation, float(annotation["area"])))
@@ -228,7 +242,8 @@ class CocoDataset(torch.utils.data.Dataset):
                    for reason, ids in skipped.items() if ids]  # fmt: skip
         if reasons:
             total = sum(len(ids) for ids in skipped.values())
-            warnings.warn(f"{self.annotation_file}: skipped {total} of {len(annotations)} annotations: " + "; ".join(reasons))
+            summary = f"{self.annotation_file}: skipped {total} of {len(annotations)} annotations: "
+            warnings.warn(summary + "; ".join(reasons))
         return targets
 
     def _check_segmentation(self, segmentation, image: dict, where: str) -> list | dict:
@@ -237,22 +252,19 @@ class CocoDataset(torch.utils.data.Dataset):
         if isinstance(segmentation, dict):
             size, counts = segmentation.get("size"), segmentation.get("counts")
             if size != [height, width]:
-                raise self._error(f"{where}: RLE size {size!r} is not the image's [height, width] [{height}, {width}]")
+                raise self._error(f"{where}: RLE size {size!r} is not the image's [height, width], [{height}, {width}]")
             if isinstance(counts, list):
                 if not all(_integer(c) and c >= 0 for c in counts) or sum(counts) != height * width:
-                    raise self._error(f"{where}: uncompressed RLE counts must be non-negative integers summing to H*W")
+                    raise self._error(f"{where}: uncompressed RLE counts must be integers >= 0 summing to H*W")
             elif not isinstance(counts, str):
                 raise self._error(f"{where}: RLE counts must be a list of integers or a compressed string")
             return segmentation
         if not isinstance(segmentation, list) or not all(isinstance(p, list) for p in segmentation):
-            raise self._error(f"{where}: segmentation must be a list of polygons or an RLE dict, got {type(segmentation).__name__}")
+            kind = type(segmentation).__name__
+            raise self._error(f"{where}: segmentation must be a list of polygons or an RLE dict, got {kind}")
         polygons = []
         for polygon in segmentation:
-            try:
-                finite = math.isfinite(sum(polygon))
-            except TypeError:
-                finite = False
-            if not finite or any(isinstance(v, bool) for v in polygon):
+            if not _finite_numbers(polygon):
                 raise self._error(f"{where}: a polygon holds something other than finite numbers")
             if len(polygon) < 6 or len(polygon) % 2:
                 continue  # fewer than 3 points: no area (detectron2 drops these too)
@@ -272,10 +284,11 @@ class CocoDataset(torch.utils.data.Dataset):
         image = image_to_tensor(np.asarray(picture))  # [3, H, W]
         objects = self.targets[image_id]
         masks = [segmentation_to_mask(segmentation, height, width) for _, _, segmentation, _ in objects]
+        masks = np.stack(masks) if masks else np.zeros((0, height, width), dtype=np.uint8)  # [G, H, W]
         target = {
             "boxes": torch.tensor([box for _, box, _, _ in objects], dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor([label for label, _, _, _ in objects], dtype=torch.int64),
-            "masks": torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, height, width), dtype=torch.uint8),
+            "masks": torch.from_numpy(masks),
             "image_id": image_id,
             "iscrowd": torch.zeros(len(objects), dtype=torch.int64),
             "area": torch.tensor([area for _, _, _, area in objects], dtype=torch.float32),

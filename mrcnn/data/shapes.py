@@ -51,7 +51,7 @@ SPLITS = ("train", "val")  # the position is the split's number in the random se
 def _check_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
     low, high = (image_size, image_size) if isinstance(image_size, int) else image_size
     if not (32 <= low <= high):
-        raise ValueError(f"image_size must be an int >= 32 or a range (low, high) with 32 <= low <= high, got {image_size}")
+        raise ValueError(f"image_size must be an int >= 32 or a range (low, high), 32 <= low <= high; got {image_size}")
     return int(low), int(high)
 
 
@@ -77,7 +77,8 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     texture = np.float32(rng.uniform(-0.2, 0.2)) * (ramp - ramp.mean())  # a gradient, [H, W]
     if rng.random() < 0.5:  # stripes of period 6..20 px at a random angle
         angle, period = rng.uniform(0, np.pi), rng.uniform(6, 20)
-        phase = (xx * np.float32(np.cos(angle)) + yy * np.float32(np.sin(angle))) * np.float32(max(height, width) / period)
+        across = xx * np.float32(np.cos(angle)) + yy * np.float32(np.sin(angle))  # [H, W]
+        phase = across * np.float32(max(height, width) / period)
         texture += np.float32(rng.uniform(0.03, 0.08)) * np.sin(np.float32(2 * np.pi) * phase)
     blotches = np.float32(0.06) * _smooth_noise(rng, height, width, cells=int(rng.integers(2, 7)))  # [3, H, W]
     return base.astype(np.float32)[:, None, None] + texture[None] + blotches
