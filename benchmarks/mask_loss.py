@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -45,11 +46,12 @@ def plain_loss(mask_logits, labels, mask_targets):
     return F.binary_cross_entropy_with_logits(gathered.float(), mask_targets)
 
 
-def measure(steps: dict, device: str, repeats: int, warmup: int = 2) -> dict:
+def measure(steps: dict, device: str, repeats: int, reset, warmup: int = 2) -> dict:
     """Median and best wall time in ms of each `step()`, on CUDA also its peak extra memory in MiB.
 
     The steps are timed in turn within each repeat (round robin), so that a change in the load
-    of a shared machine affects them alike.
+    of a shared machine affects them alike. `reset()` drops the gradients left by earlier runs
+    before the memory baseline is taken.
     """
     def sync():
         if device == "cuda":
@@ -61,6 +63,7 @@ def measure(steps: dict, device: str, repeats: int, warmup: int = 2) -> dict:
             step()
         extra = None
         if device == "cuda":
+            reset()
             sync()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
@@ -88,14 +91,17 @@ def loss_rows(device: str, num_rois: int, num_classes: int, size: int, dtype: to
         from kernels.mask_loss import mask_loss as mask_loss_kernel
 
         methods["kernel"] = mask_loss_kernel
+    def reset():
+        logits.grad = None
+
     def make_step(fn):
         def step():
-            logits.grad = None
+            reset()
             fn(logits, labels, targets).backward()
         return step
 
-    timings = measure({name: make_step(fn) for name, fn in methods.items()}, device, repeats)
-    logits.grad = None
+    timings = measure({name: make_step(fn) for name, fn in methods.items()}, device, repeats, reset)
+    reset()
     return [{"what": f"loss {name}", "R": num_rois, "K": num_classes, "M": size, "dtype": str(dtype)[6:], **timing}
             for name, timing in timings.items()]
 
@@ -118,13 +124,17 @@ def predictor_rows(device: str, num_rois: int, num_classes: int, size: int, chan
         logits = gathered_mask_logits(features, weight, bias, labels)  # [R, 1, M, M]
         loss(logits, torch.zeros_like(labels), targets).backward()
 
+    def reset():
+        features.grad = weight.grad = bias.grad = None
+
     def make_step(fn):
         def step():
-            features.grad = weight.grad = bias.grad = None
+            reset()
             fn()
         return step
 
-    timings = measure({"full conv + loss": make_step(full), "gathered conv + loss": make_step(gathered)}, device, repeats)
+    steps = {"full conv + loss": make_step(full), "gathered conv + loss": make_step(gathered)}
+    timings = measure(steps, device, repeats, reset)
     return [{"what": f"predictor {name}", "R": num_rois, "K": num_classes, "M": size, "dtype": "float32", **timing}
             for name, timing in timings.items()]
 
@@ -160,6 +170,7 @@ def main() -> None:
     if device == "cpu":
         torch.set_num_threads(args.threads)
 
+    load_average = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     torch.manual_seed(0)
     rows = []
     for num_classes in args.classes:
@@ -178,6 +189,7 @@ def main() -> None:
         "torch": torch.__version__,
         "triton": triton_version,
         "threads": torch.get_num_threads() if device == "cpu" else None,
+        "load_average_at_start": load_average if device == "cpu" else None,  # the machine may be shared
         "command": "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
         "repeats": repeats,
     }
@@ -191,15 +203,18 @@ def main() -> None:
         extra = "-" if row["peak_extra_mib"] is None else f"{row['peak_extra_mib']:.1f}"
         lines.append(f"| {row['what']} | {row['R']} | {row['K']} | {row['M']} | {row['dtype']} | "
                      f"{row['median_ms']:.3f} | {row['best_ms']:.3f} | {extra} |")
-    lines += ["", "Ratios of medians:"]
-    by = {(r["what"], r["K"], r["dtype"]): r["median_ms"] for r in rows}
-    for (what, k, dtype), ms in by.items():
-        if what == "loss reference":
-            lines.append(f"- K={k} {dtype}: reference / plain = {ms / by[('loss plain', k, dtype)]:.2f}")
-        if what == "loss kernel":
-            lines.append(f"- K={k} {dtype}: plain / kernel = {by[('loss plain', k, dtype)] / ms:.2f}")
-        if what == "predictor gathered conv + loss":
-            lines.append(f"- predictor + loss, K={k}: full / gathered = {by[('predictor full conv + loss', k, dtype)] / ms:.2f}")
+    lines += ["", "Ratios (of medians; of best times):"]
+    median = {(r["what"], r["K"], r["dtype"]): r["median_ms"] for r in rows}
+    best = {(r["what"], r["K"], r["dtype"]): r["best_ms"] for r in rows}
+    pairs = {"loss reference": ("reference / plain", "loss plain", False),
+             "loss kernel": ("plain / kernel", "loss plain", True),
+             "predictor gathered conv + loss": ("full / gathered", "predictor full conv + loss", True)}
+    for (what, k, dtype) in median:
+        if what in pairs:
+            label, other, invert = pairs[what]
+            ratios = [(t[(other, k, dtype)] / t[(what, k, dtype)]) if invert else (t[(what, k, dtype)] / t[(other, k, dtype)])
+                      for t in (median, best)]
+            lines.append(f"- {what.split()[0]} K={k} {dtype}: {label} = {ratios[0]:.2f}; {ratios[1]:.2f}")
     (RESULTS / f"mask_loss_{device}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -180,7 +180,7 @@ plt.show()
 # never exactly identical, but overlapping objects of different classes (a person on a horse,
 # a cup on a table) are common, and every such overlap is a small tug of war for a softmax.
 #
-# The paper's other comparison, in the same table, keeps the sigmoid but predicts one mask per
+# The paper's other comparison (section 4.2, in the text) keeps the sigmoid but predicts one mask per
 # RoI whatever its class (`class_agnostic_mask_loss`, $K = 1$): 29.7 AP against 30.3 for
 # class-specific masks. What matters is the decoupling, not the $K$ masks.
 

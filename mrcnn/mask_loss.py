@@ -17,9 +17,9 @@ to 0 or 1, so the loss is finite for any logit (+-1e4 included). Its gradient is
 
 Because no softmax runs across the K masks, the classes do not compete for a pixel: the class
 is chosen by the box branch, the mask branch only says which pixels belong to the object. The
-paper's ablation (Table 2b) compares this with a per-pixel softmax over classes
-(`multinomial_mask_loss`, -5.5 AP) and with a single class-agnostic mask
-(`class_agnostic_mask_loss`, nearly as good as class-specific).
+paper's ablations (section 4.2) compare this with a per-pixel softmax over classes
+(`multinomial_mask_loss`, Table 2b: -5.5 mask AP) and with a single class-agnostic mask
+(`class_agnostic_mask_loss`: 29.7 against 30.3 mask AP, nearly as good).
 
 The target of a RoI (`mask_targets`) is its matched ground-truth mask cropped by the proposal
 box and resampled to M x M with RoIAlign. Shapes follow the book's legend: R RoIs, K classes
@@ -125,7 +125,7 @@ def kernels_available() -> bool:
 
 
 def class_agnostic_mask_loss(mask_logits: Tensor, mask_targets: Tensor, use_kernel: bool | None = None) -> Tensor:
-    """The class-agnostic variant of Table 2b: one mask per RoI, whatever its class.
+    """The class-agnostic variant (section 4.2): one mask per RoI, whatever its class.
 
     mask_logits `[R, 1, M, M]`, mask_targets `[R, M, M]` -> scalar float32: `mask_loss` with
     every RoI's label mapped to the single channel 0.
@@ -137,7 +137,7 @@ def class_agnostic_mask_loss(mask_logits: Tensor, mask_targets: Tensor, use_kern
 
 
 def multinomial_mask_loss(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor) -> Tensor:
-    """The multinomial variant of Table 2b: a per-pixel softmax over the K classes.
+    """The multinomial variant (Table 2b): a per-pixel softmax over the K classes.
 
     This is how an FCN for semantic segmentation scores pixels, and it makes the K masks
     compete. The formulation here: at every pixel of RoI r, the K logits go through a softmax
