@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import functools
 import http.server
+import importlib.util
 import json
 import os
 import re
@@ -45,7 +46,8 @@ BOOK = ROOT / "book"
 ARTIFACTS = ROOT / "test-artifacts"
 BUILD_TIMEOUT_S = 1800  # a cold build executes every chapter (each must run in under a minute)
 
-pytestmark = pytest.mark.slow
+# A cold build executes every chapter inside the first test that asks for the site.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(BUILD_TIMEOUT_S + 300)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -141,7 +143,7 @@ def install_chromium() -> str:
         return "Chromium is not installed, and installing it needs root and apt-get; install the `chromium` package"
     print("\n[test_site] Chromium is missing: installing Debian's `chromium` package with apt-get ...", file=sys.stderr)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
+    for command in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
         if result.returncode != 0:
             return f"Chromium is not installed and `{' '.join(command)}` failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
@@ -423,8 +425,9 @@ def site(tmp_path_factory) -> Path:
     """The site, built as `make book-build` builds it (strict), into a temporary folder."""
     if _CONFIG_ERROR is not None:
         pytest.fail(f"mkdocs.yml cannot be read: {_CONFIG_ERROR}")
-    sys.path.insert(0, str(ROOT / "tools"))
-    import book_hooks
+    spec = importlib.util.spec_from_file_location("book_hooks", ROOT / "tools" / "book_hooks.py")
+    book_hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(book_hooks)
 
     site_dir = tmp_path_factory.mktemp("site")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}  # as `make book-build`
