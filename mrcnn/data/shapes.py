@@ -237,6 +237,7 @@ def generate_shapes(
     seed: int = 0,
     min_objects: int = 1,
     max_objects: int = 4,
+    object_size: tuple[int, int] = (16, 56),
     overwrite: bool = False,
     workers: int | None = None,
 ) -> ShapesPaths:
@@ -250,7 +251,7 @@ def generate_shapes(
     """
     if num_train < 0 or num_val < 0:
         raise ValueError(f"num_train and num_val must be >= 0, got {num_train}, {num_val}")
-    draw = {"image_size": image_size, "min_objects": min_objects, "max_objects": max_objects}
+    draw = {"image_size": image_size, "min_objects": min_objects, "max_objects": max_objects, "object_size": object_size}
     render_image(0, seed, "train", **draw)  # checks the settings before anything is written
     root = Path(root)
     paths = ShapesPaths(
@@ -258,7 +259,7 @@ def generate_shapes(
         root / "val", root / "annotations" / "instances_val.json",
     )  # fmt: skip
     settings = {"num_train": num_train, "num_val": num_val, "seed": seed, **draw}
-    settings["image_size"] = list(_check_size(image_size))
+    settings["image_size"], settings["object_size"] = list(_check_size(image_size)), list(object_size)  # as JSON reads
     manifest = root / "shapes.json"
     if not overwrite and manifest.exists() and json.loads(manifest.read_text()) == settings:
         if all(p.exists() for p in (paths.train_annotations, paths.val_annotations)):
@@ -287,6 +288,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     num_classes = len(CATEGORY_NAMES) + 1  # K, with the background
     category_names = ("__background__",) + CATEGORY_NAMES
+    label_to_category_id = {label: label for label in range(1, len(CATEGORY_NAMES) + 1)}  # as the files say
 
     def __init__(self, num_images: int, seed: int = 0, split: str = "train", **draw):
         render_image(0, seed, split, **draw)  # checks the settings now
