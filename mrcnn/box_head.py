@@ -129,32 +129,31 @@ def select_training_rois(
     measured to a dummy all-zero box, as in torchvision.
     """
     check_targets(proposals, targets)
-    all_boxes, all_labels, all_matched = [], [], []
+    all_boxes, all_gt_boxes, all_labels, all_matched = [], [], [], []
     for proposals_in_image, target in zip(proposals, targets):
         gt_boxes = target["boxes"].to(proposals_in_image.dtype)  # [G, 4]
         boxes = torch.cat([proposals_in_image, gt_boxes])  # [R_i + G, 4]: the ground truth are RoIs too
         if gt_boxes.shape[0] == 0:  # no object: every RoI is background
             matched_gt_index = torch.zeros(boxes.shape[0], dtype=torch.int64, device=boxes.device)
             labels = torch.zeros(boxes.shape[0], dtype=torch.int64, device=boxes.device)
+            gt_boxes = torch.zeros(1, 4, dtype=boxes.dtype, device=boxes.device)  # a dummy box to measure from
         else:
             matches = matcher(box_iou(gt_boxes, boxes))  # [R_i + G]: object index, or -1 (below 0.5), -2 (between)
             matched_gt_index = matches.clamp(min=0)
-            labels = target["labels"][matched_gt_index].to(torch.int64)
+            labels = target["labels"][matched_gt_index]  # [R_i + G]
             labels[matches == Matcher.BELOW_LOW_THRESHOLD] = 0  # background
             labels[matches == Matcher.BETWEEN_THRESHOLDS] = -1  # ignored by the sampler
         all_boxes.append(boxes)
+        all_gt_boxes.append(gt_boxes)
         all_labels.append(labels)
         all_matched.append(matched_gt_index)
 
     positive, negative = sampler(all_labels)  # one [R_i + G] bool mask each per image
     sampled = TrainingRoIs([], [], [], [])
-    for boxes, labels, matched_gt_index, is_positive, is_negative, target in zip(
-        all_boxes, all_labels, all_matched, positive, negative, targets
+    for boxes, gt_boxes, labels, matched_gt_index, is_positive, is_negative in zip(
+        all_boxes, all_gt_boxes, all_labels, all_matched, positive, negative
     ):
         chosen = torch.where(is_positive | is_negative)[0]  # [R_i'], in increasing order
-        gt_boxes = target["boxes"].to(boxes.dtype)
-        if gt_boxes.shape[0] == 0:
-            gt_boxes = torch.zeros(1, 4, dtype=boxes.dtype, device=boxes.device)  # the dummy box
         sampled.boxes.append(boxes[chosen])
         sampled.labels.append(labels[chosen])
         sampled.matched_gt_index.append(matched_gt_index[chosen])
