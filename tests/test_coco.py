@@ -301,3 +301,16 @@ def test_good_file_gives_no_warning(tiny):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         CocoDataset(*tiny)
+
+
+def test_flip_agrees_with_torchvision(tiny):
+    pytest.importorskip("torchvision")
+    from torchvision import tv_tensors
+    from torchvision.transforms.v2 import functional as F
+
+    image, target = CocoDataset(*tiny)[0]
+    flipped_image, flipped = horizontal_flip(image, target)
+    boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=(H, W))
+    assert torch.equal(F.horizontal_flip(boxes), flipped["boxes"])
+    assert torch.equal(F.horizontal_flip(tv_tensors.Mask(target["masks"])), flipped["masks"])
+    assert torch.equal(F.horizontal_flip(tv_tensors.Image(image)), flipped_image)
