@@ -130,7 +130,8 @@ def execute_chapter(chapter: Path, config) -> str:
 
     configure_cache(config)
     plugin = config.plugins[JUPYTER_PLUGIN]
-    plugin.on_pre_build(config=config)
+    if hasattr(plugin, "on_pre_build"):  # mkdocs-jupyter versions with a cache keep its bookkeeping there
+        plugin.on_pre_build(config=config)
     chapter = Path(chapter).resolve()
     file = File(chapter.relative_to(Path(config.docs_dir).resolve()).as_posix(), config.docs_dir, config.site_dir, config.use_directory_urls)
     files = Files([file])
