@@ -262,7 +262,7 @@ class BoxBranch(nn.Module):
         self.nms_thresh = nms_thresh
         self.detections_per_image = detections_per_image
 
-    def predict(self, features: list[Tensor], boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
+    def logits_and_deltas(self, features: list[Tensor], boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Class logits `[R, K]` and box deltas `[R, 4K]` for the boxes `[R_i, 4]` of every image."""
         roi_features = self.pooler(features, boxes_to_rois(boxes))  # [R, C, P, P]
         return self.predictor(self.head(roi_features))
@@ -282,13 +282,13 @@ class BoxBranch(nn.Module):
         """
         if self.training:
             sampled = select_training_rois(proposals, targets, self.matcher, self.sampler, self.box_coder)
-            class_logits, box_deltas = self.predict(features, sampled.boxes)
+            class_logits, box_deltas = self.logits_and_deltas(features, sampled.boxes)
             loss_classifier, loss_box_reg = fast_rcnn_loss(
                 class_logits, box_deltas, torch.cat(sampled.labels), torch.cat(sampled.regression_targets)
             )
             return sampled, {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
 
-        class_logits, box_deltas = self.predict(features, proposals)
+        class_logits, box_deltas = self.logits_and_deltas(features, proposals)
         boxes, scores, labels = postprocess_detections(
             class_logits, box_deltas, proposals, image_sizes, self.box_coder,
             self.score_thresh, self.nms_thresh, self.detections_per_image,

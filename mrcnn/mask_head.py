@@ -145,7 +145,7 @@ class MaskBranch(nn.Module):
         self.head = head
         self.predictor = predictor
 
-    def predict(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
+    def mask_logits(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
         """Mask logits `[R, K, M, M]` for the boxes `[R_i, 4]` of every image."""
         roi_features = self.pooler(features, boxes_to_rois(boxes))  # [R, C, 14, 14]
         return self.predictor(self.head(roi_features))
@@ -156,31 +156,22 @@ class MaskBranch(nn.Module):
         rois: TrainingRoIs | list[dict[str, Tensor]],
         targets: list[dict[str, Tensor]] | None = None,
     ) -> tuple[TrainingRoIs | list[dict[str, Tensor]], dict[str, Tensor]]:
-        """Training: `rois` is the box branch's `TrainingRoIs`, targets hold "masks" `[G, H, W]` and
-        "labels" per image; returns `(rois, {"loss_mask": scalar})`.
-
-        Inference: `rois` is the box branch's detections; returns `(detections, {})`, new dicts
-        with "masks" `[D, 1, M, M]`, the sigmoid probabilities of each detection's own class.
-        """
+        """Training: `(rois, self.loss(...))`; inference: `(self.predict(...), {})`, as for `BoxBranch`."""
         if self.training:
-            return rois, {"loss_mask": self.loss(features, rois, targets)}
+            return rois, self.loss(features, rois, targets)
+        return self.predict(features, rois), {}
 
-        detections = rois
-        mask_logits = self.predict(features, [d["boxes"] for d in detections])  # [D, K, M, M]
-        labels = torch.cat([d["labels"] for d in detections])  # [D]
-        detection_index = torch.arange(labels.shape[0], device=labels.device)  # [D]
-        probabilities = mask_logits[detection_index, labels].sigmoid()[:, None]  # [D, 1, M, M]: the predicted class only
-        per_image = probabilities.split([d["labels"].shape[0] for d in detections])
-        return [{**d, "masks": masks} for d, masks in zip(detections, per_image)], {}
+    def loss(self, features: list[Tensor], rois: TrainingRoIs, targets: list[dict[str, Tensor]] | None) -> dict[str, Tensor]:
+        """`{"loss_mask": L_mask}` over the positive RoIs of the batch (a zero that backpropagates when there are none).
 
-    def loss(self, features: list[Tensor], rois: TrainingRoIs, targets: list[dict[str, Tensor]] | None) -> Tensor:
-        """L_mask over the positive RoIs of the batch (a zero that backpropagates when there are none)."""
+        rois: the box branch's `TrainingRoIs`; targets: per image, "masks" `[G, H, W]` and "labels" `[G]`.
+        """
         if targets is None or len(targets) != len(rois.boxes) or any("masks" not in t for t in targets):
             raise ValueError("training the mask branch needs one target with 'masks' [G, H, W] per image")
         positive = [torch.where(labels > 0)[0] for labels in rois.labels]  # [R_i+] per image
         boxes = [b[p] for b, p in zip(rois.boxes, positive)]
         matched_gt_index = [m[p] for m, p in zip(rois.matched_gt_index, positive)]
-        mask_logits = self.predict(features, boxes)  # [R+, K, M, M]
+        mask_logits = self.mask_logits(features, boxes)  # [R+, K, M, M]
         mask_size = mask_logits.shape[-1]
         # each positive RoI's target: its object's mask, cropped by the RoI and resampled to M x M
         # (RoIAlign's average of ones can round to 1 + 1e-7: clamp, since the loss checks [0, 1])
@@ -188,7 +179,17 @@ class MaskBranch(nn.Module):
             [mask_targets(t["masks"], b, i, mask_size) for t, b, i in zip(targets, boxes, matched_gt_index)]
         ).clamp(0, 1)  # [R+, M, M]
         labels = torch.cat([t["labels"][i] for t, i in zip(targets, matched_gt_index)])  # [R+]
-        return mask_loss(mask_logits, labels, targets_per_roi)
+        return {"loss_mask": mask_loss(mask_logits, labels, targets_per_roi)}
+
+    def predict(self, features: list[Tensor], detections: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Add "masks" `[D, 1, M, M]` to each image's detections: the sigmoid probabilities of the
+        mask of each detection's own class. Returns new dicts; the other fields are the same tensors."""
+        mask_logits = self.mask_logits(features, [d["boxes"] for d in detections])  # [D, K, M, M]
+        labels = torch.cat([d["labels"] for d in detections])  # [D]
+        detection_index = torch.arange(labels.shape[0], device=labels.device)  # [D]
+        probabilities = mask_logits[detection_index, labels].sigmoid()[:, None]  # [D, 1, M, M]: the predicted class only
+        per_image = probabilities.split([d["labels"].shape[0] for d in detections])
+        return [{**d, "masks": masks} for d, masks in zip(detections, per_image)]
 
     def torchvision_key_map(self, legacy: bool = False) -> dict[str, str]:
         """Our state-dict keys (relative to this branch) -> the keys of torchvision's Mask R-CNN.

@@ -68,13 +68,16 @@ def test_inference_returns_the_predicted_class_probabilities():
          "scores": torch.tensor([0.9, 0.8])},
         {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)},
     ]
+    features = pyramid()
     with torch.no_grad():
-        results, losses = branch(pyramid(), detections)
+        results, losses = branch(features, detections)
     assert losses == {}
     assert results[0]["masks"].shape == (2, 1, 28, 28) and results[1]["masks"].shape == (0, 1, 28, 28)
     assert torch.allclose(results[0]["masks"][0], torch.full((1, 28, 28), torch.sigmoid(torch.tensor(0.3)).item()))
     assert torch.allclose(results[0]["masks"][1], torch.full((1, 28, 28), torch.sigmoid(torch.tensor(0.1)).item()))
     assert results[0]["scores"] is detections[0]["scores"]
+    with torch.no_grad():
+        assert torch.equal(branch.predict(features, detections)[0]["masks"], results[0]["masks"])  # forward = predict
 
 
 def training_batch():
@@ -102,10 +105,11 @@ def test_training_scores_the_positive_rois_only():
     rois, targets = training_batch()
     passed_through, losses = branch(features, rois, targets)
     assert passed_through is rois and set(losses) == {"loss_mask"}
+    assert torch.equal(branch.loss(features, rois, targets)["loss_mask"], losses["loss_mask"])  # forward = loss
 
     # by hand: the two positive RoIs of image 0, their objects' masks and classes
     positive_boxes = rois.boxes[0][[0, 2]]
-    logits = branch.predict(features, [positive_boxes, torch.zeros(0, 4)])
+    logits = branch.mask_logits(features, [positive_boxes, torch.zeros(0, 4)])
     target = mask_targets(targets[0]["masks"], positive_boxes, torch.tensor([0, 1]), 28).clamp(0, 1)
     expected = mask_loss(logits, torch.tensor([2, 4]), target)
     assert torch.allclose(losses["loss_mask"], expected)
