@@ -115,12 +115,14 @@ def _sum_kernel(
     out_ptr,  # [] float32 out: scale * their sum
     num_partials,  # how many partial sums
     scale,  # 1 / (R M^2)
+    NUM_STEPS: tl.constexpr,  # cdiv(num_partials, BLOCK): 1 up to 1024 partial sums (a million pixels)
     BLOCK: tl.constexpr,  # partial sums added per step
 ):
-    # one program, a fixed order of additions: the same bits on every run
+    # one program, a fixed order of additions: the same bits on every run. The trip count is a
+    # compile-time constant (Triton 3.6's interpreter cannot loop to a run-time bound).
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, num_partials, BLOCK):
-        offsets = start + tl.arange(0, BLOCK)
+    for step in range(NUM_STEPS):
+        offsets = step * BLOCK + tl.arange(0, BLOCK)
         acc += tl.load(partial_ptr + offsets, mask=offsets < num_partials, other=0.0)
     tl.store(out_ptr, tl.sum(acc, axis=0) * scale)
 
@@ -214,7 +216,9 @@ def _forward(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor, write_gr
         num_pixels, mask_size, *mask_logits.stride(), 1.0 / num_pixels,
         WRITE_GRAD=write_grad, BLOCK=block, num_warps=4,
     )
-    _sum_kernel[(1,)](partial, loss, num_programs, 1.0 / num_pixels, BLOCK=_block_size(num_programs, 1024), num_warps=4)
+    sum_block = _block_size(num_programs, 1024)
+    _sum_kernel[(1,)](partial, loss, num_programs, 1.0 / num_pixels,
+                      NUM_STEPS=triton.cdiv(num_programs, sum_block), BLOCK=sum_block, num_warps=4)
     return loss, grad_pixels
 
 
