@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from mrcnn.data import CocoDataset, DatasetError, collate, horizontal_flip
+from mrcnn.data import CocoDataset, DatasetError, coco2017, collate, horizontal_flip
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools, numpy 2
 
@@ -179,6 +179,16 @@ def test_training_flips_half_the_time_reproducibly(tiny):
         assert torch.equal(target["masks"], expected["masks"])
     torch.manual_seed(0)
     assert [bool(torch.equal(training[0][0], plain[0].flip(-1))) for _ in range(40)] == flipped
+
+
+def test_coco2017_layout(tmp_path):
+    images, annotation_file = write_dataset(tmp_path)
+    images.rename(tmp_path / "val2017")
+    annotation_file.rename(annotation_file.with_name("instances_val2017.json"))
+    dataset = coco2017(tmp_path, "val", remove_images_without_annotations=True)
+    assert dataset.image_ids == [1, 2, 3] and dataset.image_dir == tmp_path / "val2017"
+    with pytest.raises(DatasetError, match="instances_train2017.json does not exist"):
+        coco2017(tmp_path, "train")
 
 
 def test_collate_keeps_lists(tiny):

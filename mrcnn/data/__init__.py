@@ -4,7 +4,7 @@ Both give `(image float32 [3, H, W] in [0, 1], target dict)` pairs in the model'
 `collate` keeps a batch as lists.
 """
 
-from mrcnn.data.coco import CocoDataset, DatasetError, collate, horizontal_flip, segmentation_to_mask
+from mrcnn.data.coco import CocoDataset, DatasetError, coco2017, collate, horizontal_flip, segmentation_to_mask
 from mrcnn.data.shapes import CATEGORY_NAMES, ShapesDataset, ShapesPaths, generate_shapes, render_image
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "DatasetError",
     "ShapesDataset",
     "ShapesPaths",
+    "coco2017",
     "collate",
     "generate_shapes",
     "horizontal_flip",

@@ -298,6 +298,15 @@ class CocoDataset(torch.utils.data.Dataset):
         return image, target
 
 
+def coco2017(root: str | os.PathLike, split: str = "val", **options) -> CocoDataset:
+    """COCO 2017 in its standard layout: `root/{split}2017/*.jpg` and
+    `root/annotations/instances_{split}2017.json`. `options` go to `CocoDataset`."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    root = Path(root)
+    return CocoDataset(root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json", **options)
+
+
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 [H, W, 3] -> float32 [3, H, W] in [0, 1] (in numpy: one thread, no pool start-up)."""
     channels_first = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)  # [3, H, W]
