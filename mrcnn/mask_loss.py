@@ -44,6 +44,11 @@ def check_mask_loss_inputs(mask_logits: Tensor, labels: Tensor, mask_targets: Te
     mask_logits `[R, K, M, M]` floating point; labels `[R]` integer in `[0, K)`; mask_targets
     `[R, M, M]` float, uint8 or bool with values in `[0, 1]`, all on one device. The value
     checks cost one device-to-host synchronisation (two only when something is wrong).
+
+    Targets need not be binary: the cross-entropy is defined for any `t` in `[0, 1]`, and the
+    soft targets that resampling gives (`mask_targets(..., threshold=None)`, as torchvision
+    trains) must pass. A value outside `[0, 1]` (NaN included) would make the loss unbounded
+    below, so it raises.
     """
     if not isinstance(mask_logits, Tensor) or mask_logits.dim() != 4 or mask_logits.shape[2] != mask_logits.shape[3]:
         raise ValueError(f"mask_logits must be [R, K, M, M], got shape {tuple(getattr(mask_logits, 'shape', ()))}")
