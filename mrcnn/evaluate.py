@@ -50,7 +50,7 @@ def detections_to_coco_results(
     image's pixels, "labels": int64 [D], "scores": float [D], and optionally "masks": float
     [D, 1, H, W] probabilities}. Each result is {"image_id", "category_id", "bbox": [x, y, w, h],
     "score"} plus "segmentation", the RLE (counts as str) of the mask binarized at
-    `mask_threshold` (paper section 3: "binarized at a threshold of 0.5").
+    `mask_threshold` (paper section 3.1, Inference: "binarized at a threshold of 0.5").
     label_to_category_id: maps a label to the data set's category id (a dict or a sequence).
     """
     if len(detections) != len(image_ids):
