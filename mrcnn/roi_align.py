@@ -196,21 +196,19 @@ def roi_align_reference(
     return pooled.permute(0, 3, 1, 2).contiguous()  # [R, C, P_h, P_w]
 
 
-def roi_pool(features: Tensor, rois: Tensor, output_size: int | tuple[int, int], spatial_scale: float = 1.0) -> Tensor:
-    """RoIPool of Fast R-CNN: quantize the RoI, quantize the bins, max-pool each bin.
+def roi_pool_bins(
+    rois: Tensor, output_size: tuple[int, int], spatial_scale: float, height: int, width: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """RoIPool's two quantizations: the whole feature pixels each bin covers.
 
-    The baseline RoIAlign replaces (paper section 3, Table 2c). Same conventions as the
-    reference implementations: the RoI corners are rounded to the nearest feature pixel, the
-    RoI is at least 1 x 1, bin `p` covers rows `[floor(p * b_h), ceil((p + 1) * b_h))` offset
-    by the RoI start and clipped to the map, and an empty bin gives 0.
-
-    features `[N, C, H, W]`, rois `[R, 5]` -> `[R, C, P_h, P_w]`.
+    Same conventions as the reference implementations: the RoI corners are rounded to the
+    nearest feature pixel, the RoI is at least 1 x 1 (its end pixel included), and bin `p`
+    covers rows `[floor(p * b_h), ceil((p + 1) * b_h))` past the RoI's first row, clipped to the
+    map. rois `[R, 5]` -> `(y_low, y_high, x_low, x_high)`, int64, `[R, P_h]` and `[R, P_w]`:
+    bin `(p, q)` of RoI `r` covers rows `[y_low[r, p], y_high[r, p])` and columns
+    `[x_low[r, q], x_high[r, q])` (empty when clipped away).
     """
-    check_roi_inputs(features, rois)
-    pooled_h, pooled_w = _pair(output_size)
-    num_rois, channels, height, width = rois.shape[0], *features.shape[1:]
-    if num_rois == 0:
-        return features.new_zeros(0, channels, pooled_h, pooled_w) + 0 * features.sum()
+    pooled_h, pooled_w = output_size
 
     # quantization 1: the RoI corners to whole feature pixels (rounding half away from zero)
     def round_half_away(v: Tensor) -> Tensor:
@@ -220,21 +218,44 @@ def roi_pool(features: Tensor, rois: Tensor, output_size: int | tuple[int, int],
     y_start = round_half_away(rois[:, 2] * spatial_scale)  # [R]
     x_end = round_half_away(rois[:, 3] * spatial_scale)  # [R]
     y_end = round_half_away(rois[:, 4] * spatial_scale)  # [R]
-    bin_h = (y_end - y_start + 1).clamp(min=1).to(features.dtype) / pooled_h  # [R]
-    bin_w = (x_end - x_start + 1).clamp(min=1).to(features.dtype) / pooled_w  # [R]
+    bin_h = (y_end - y_start + 1).clamp(min=1).to(rois.dtype) / pooled_h  # [R]
+    bin_w = (x_end - x_start + 1).clamp(min=1).to(rois.dtype) / pooled_w  # [R]
 
     # quantization 2: bin p covers pixels [floor(p * b), ceil((p + 1) * b)) past the RoI start
-    def bin_window(start: Tensor, size: Tensor, pooled: int, limit: int) -> tuple[Tensor, Tensor]:
-        p = torch.arange(pooled, device=rois.device, dtype=features.dtype)  # [P]
-        lo = (torch.floor(p[None] * size[:, None]).to(torch.int64) + start[:, None]).clamp(0, limit)  # [R, P]
-        hi = (torch.ceil((p[None] + 1) * size[:, None]).to(torch.int64) + start[:, None]).clamp(0, limit)  # [R, P]
-        span = max(int((hi - lo).max().item()), 1)  # the widest bin
-        index = lo[:, :, None] + torch.arange(span, device=rois.device)  # [R, P, S]
-        used = index < hi[:, :, None]  # [R, P, S]
+    def bin_edges(start: Tensor, size: Tensor, pooled: int, limit: int) -> tuple[Tensor, Tensor]:
+        p = torch.arange(pooled, device=rois.device, dtype=rois.dtype)  # [P]
+        low = (torch.floor(p[None] * size[:, None]).to(torch.int64) + start[:, None]).clamp(0, limit)  # [R, P]
+        high = (torch.ceil((p[None] + 1) * size[:, None]).to(torch.int64) + start[:, None]).clamp(0, limit)  # [R, P]
+        return low, high
+
+    y_low, y_high = bin_edges(y_start, bin_h, pooled_h, height)
+    x_low, x_high = bin_edges(x_start, bin_w, pooled_w, width)
+    return y_low, y_high, x_low, x_high
+
+
+def roi_pool(features: Tensor, rois: Tensor, output_size: int | tuple[int, int], spatial_scale: float = 1.0) -> Tensor:
+    """RoIPool of Fast R-CNN: quantize the RoI, quantize the bins, max-pool each bin.
+
+    The baseline RoIAlign replaces (paper section 3, Table 2c). The bins are those of
+    `roi_pool_bins`; an empty bin (clipped away by the map's border) gives 0.
+
+    features `[N, C, H, W]`, rois `[R, 5]` -> `[R, C, P_h, P_w]`.
+    """
+    check_roi_inputs(features, rois)
+    pooled_h, pooled_w = _pair(output_size)
+    num_rois, channels, height, width = rois.shape[0], *features.shape[1:]
+    if num_rois == 0:
+        return features.new_zeros(0, channels, pooled_h, pooled_w) + 0 * features.sum()
+    y_low, y_high, x_low, x_high = roi_pool_bins(rois, (pooled_h, pooled_w), spatial_scale, height, width)
+
+    def window(low: Tensor, high: Tensor, limit: int) -> tuple[Tensor, Tensor]:
+        span = max(int((high - low).max().item()), 1)  # the widest bin
+        index = low[:, :, None] + torch.arange(span, device=rois.device)  # [R, P, S]
+        used = index < high[:, :, None]  # [R, P, S]
         return index.clamp(max=limit - 1), used
 
-    y_index, y_used = bin_window(y_start, bin_h, pooled_h, height)  # [R, P_h, S_h]
-    x_index, x_used = bin_window(x_start, bin_w, pooled_w, width)  # [R, P_w, S_w]
+    y_index, y_used = window(y_low, y_high, height)  # [R, P_h, S_h]
+    x_index, x_used = window(x_low, x_high, width)  # [R, P_w, S_w]
     batch = rois[:, 0].to(torch.int64)[:, None, None, None, None]  # [R, 1, 1, 1, 1]
     values = features[batch, :, y_index[:, :, :, None, None], x_index[:, None, None, :, :]]  # [R, P_h, S_h, P_w, S_w, C]
     used = y_used[:, :, :, None, None] & x_used[:, None, None, :, :]  # [R, P_h, S_h, P_w, S_w]

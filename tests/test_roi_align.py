@@ -431,3 +431,31 @@ def test_matches_torchvision_multi_scale_roi_align():
     grad_out = torch.randn_like(expected)
     for grad, expected_grad in zip(torch.autograd.grad(out, features, grad_out), torch.autograd.grad(expected, features, grad_out)):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
+
+
+# --- the demonstration figure and the command that writes it -------------------------------------
+
+
+def test_demo_command_writes_the_roi_align_figure(tmp_path, capsys):
+    from mrcnn.cli import main
+
+    assert main(["demo", "--output-dir", str(tmp_path / "demo")]) == 0
+    figure = tmp_path / "demo" / "roi_align.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(figure) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "required: COMMAND"),
+    (["bogus"], "invalid choice: 'bogus'"),
+    (["demo", "--nope"], "unrecognized arguments: --nope"),
+    (["demo", "--output-dir", "FILE"], "exists and is not a directory"),
+])
+def test_command_line_mistakes_are_one_line_and_status_2(argv, message, tmp_path, capsys):
+    from mrcnn.cli import main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert main([str(a_file) if arg == "FILE" else arg for arg in argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and message in captured.err and captured.err.count("\n") == 1 and "Traceback" not in captured.err

@@ -1,0 +1,93 @@
+"""Figures for the book and the command line, drawn with matplotlib from the library's own code.
+
+Each function returns a `matplotlib.figure.Figure` (no pyplot state): a notebook displays it,
+`figure.savefig(path)` writes it.
+"""
+
+from __future__ import annotations
+
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from mrcnn.roi_align import roi_align_reference, roi_pool, roi_pool_bins, sampling_grid
+
+BIN_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
+def roi_align_figure(
+    box: tuple[float, float, float, float] = (1.3, 1.6, 6.1, 6.4),
+    feature_size: tuple[int, int] = (8, 8),
+    output_size: int = 2,
+    sampling_ratio: int = 2,
+    features: torch.Tensor | None = None,
+) -> Figure:
+    """RoIPool against RoIAlign for one RoI over a feature grid (paper section 3, Figure 3).
+
+    box: `(x1, y1, x2, y2)` in feature-map pixels (spatial scale 1), where pixel `(i, j)` is the
+    unit square `[j, j + 1) x [i, i + 1)`; feature_size `(H, W)`; features: an optional `[H, W]`
+    map drawn underneath and pooled (a smooth random one by default). Left: RoIPool rounds the
+    box to whole pixels and splits it into bins of whole pixels (shaded), and max-pools each bin.
+    Right: RoIAlign keeps the box, splits it exactly, samples each bin at `sampling_ratio ** 2`
+    points by bilinear interpolation (with the half-pixel shift, `aligned=True`) and averages.
+    The number in each bin is the pooled value, computed by `roi_pool` and `roi_align_reference`.
+    """
+    height, width = feature_size
+    if features is None:
+        generator = torch.Generator().manual_seed(3)
+        coarse = torch.rand(1, 1, 3, 3, generator=generator, dtype=torch.float64)
+        features = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=True)[0, 0]
+    features = features.to(torch.float64)
+    rois = torch.tensor([[0.0, *box]], dtype=torch.float64)
+    pooled_max = roi_pool(features[None, None], rois, output_size)[0, 0]  # [P, P]
+    pooled_mean = roi_align_reference(features[None, None], rois, output_size, 1.0, sampling_ratio, aligned=True)[0, 0]  # [P, P]
+
+    figure = Figure(figsize=(10, 5), layout="constrained")
+    pool_axes, align_axes = figure.subplots(1, 2)
+    x1, y1, x2, y2 = box
+    for axes in (pool_axes, align_axes):
+        low, high = float(features.min()), float(features.max())
+        axes.imshow(features.numpy(), cmap="Greys", extent=(0, width, height, 0), alpha=0.45, vmin=low - 0.5 * (high - low), vmax=high + 0.5 * (high - low))
+        for i in range(height + 1):
+            axes.axhline(i, color="0.7", linewidth=0.6)
+        for j in range(width + 1):
+            axes.axvline(j, color="0.7", linewidth=0.6)
+        axes.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="black", linewidth=2.2, label="RoI"))
+        axes.set_xlim(-0.2, width + 0.2)
+        axes.set_ylim(height + 0.2, -0.2)
+        axes.set_aspect("equal")
+        axes.set_xlabel("x (feature pixels)")
+        axes.set_ylabel("y")
+
+    # RoIPool: the whole pixels each bin covers, from the library's own quantization
+    y_low, y_high, x_low, x_high = (t[0].tolist() for t in roi_pool_bins(rois, (output_size, output_size), 1.0, height, width))
+    for p in range(output_size):
+        for q in range(output_size):
+            colour = BIN_COLOURS[(p * output_size + q) % len(BIN_COLOURS)]
+            corner, size = (x_low[q], y_low[p]), (x_high[q] - x_low[q], y_high[p] - y_low[p])
+            pool_axes.add_patch(Rectangle(corner, *size, color=colour, alpha=0.25, linewidth=0))
+            pool_axes.add_patch(Rectangle(corner, *size, fill=False, color=colour, linewidth=1.5, linestyle="--"))
+            pool_axes.text(x_low[q] + size[0] / 2, y_low[p] + size[1] / 2, f"max\n{pooled_max[p, q]:.2f}", ha="center", va="center", fontsize=9)
+    pool_axes.set_title("RoIPool: box and bins rounded to whole pixels (shaded),\nmax over each bin")
+
+    # RoIAlign: the exact bins and their sampling points (pixel centres are at i + 1/2 here)
+    bin_w, bin_h = (x2 - x1) / output_size, (y2 - y1) / output_size
+    for k in range(1, output_size):
+        align_axes.plot([x1 + k * bin_w] * 2, [y1, y2], color="black", linewidth=1, linestyle="--")
+        align_axes.plot([x1, x2], [y1 + k * bin_h] * 2, color="black", linewidth=1, linestyle="--")
+    y, x, *_ = sampling_grid(rois, (output_size, output_size), 1.0, sampling_ratio, aligned=True)  # [1, P, G] each
+    for p in range(output_size):
+        for q in range(output_size):
+            colour = BIN_COLOURS[(p * output_size + q) % len(BIN_COLOURS)]
+            ys, xs = torch.meshgrid(y[0, p] + 0.5, x[0, q] + 0.5, indexing="ij")
+            align_axes.scatter(xs.flatten(), ys.flatten(), s=28, color=colour, zorder=3)
+            align_axes.text(x1 + (q + 0.5) * bin_w, y1 + (p + 0.5) * bin_h, f"avg\n{pooled_mean[p, q]:.2f}", ha="center", va="center", fontsize=9)
+    # the four pixel centres that the first sample reads
+    sample_y, sample_x = float(y[0, 0, 0]), float(x[0, 0, 0])
+    low_y, low_x = int(sample_y // 1), int(sample_x // 1)
+    for cy in (low_y, low_y + 1):
+        for cx in (low_x, low_x + 1):
+            align_axes.plot([sample_x + 0.5, cx + 0.5], [sample_y + 0.5, cy + 0.5], color="tab:blue", linewidth=0.8)
+            align_axes.scatter([cx + 0.5], [cy + 0.5], marker="x", color="tab:blue", s=30, zorder=3)
+    align_axes.set_title(f"RoIAlign: exact bins, {sampling_ratio}x{sampling_ratio} bilinear samples\nper bin (x: the 4 pixels one sample reads), averaged")
+    return figure
