@@ -187,7 +187,9 @@ def mask_targets(
     `threshold`: the paper describes binary targets; Detectron2 binarizes with `>= 0.5`
     (`threshold=0.5`). torchvision's `maskrcnn_loss` trains on the soft values unchanged, so the
     default `None` keeps them, and the torchvision-compatible model matches it exactly. Either
-    way the targets lie in [0, 1], which is all the binary cross-entropy needs.
+    way the targets lie in [0, 1], which is all the binary cross-entropy needs (the resampled
+    values are clamped to it: bilinear weights sum to 1 only up to rounding, so an all-object
+    cell can come out as 1.0000001; torchvision keeps that last bit, a difference of one ulp).
 
     gt_masks `[G, H, W]` uint8, bool or float; proposals `[R, 4]` float (x1, y1, x2, y2) in image
     pixels; matched_gt_index `[R]` int64 in `[0, G)` -> `[R, M, M]` in the proposals' dtype.
@@ -214,6 +216,8 @@ def mask_targets(
     rois = torch.cat([matched_gt_index[:, None].to(proposals.dtype), proposals], dim=1)  # [R, 5]
     masks = gt_masks[:, None].to(proposals.dtype)  # [G, 1, H, W]
     targets = roi_align(masks, rois, (mask_size, mask_size), spatial_scale=1.0, sampling_ratio=-1, aligned=False)[:, 0]  # [R, M, M]
+    # bilinear weights sum to 1 only up to rounding: 1.0000001 inside an object is not a target
+    targets = targets.clamp(0.0, 1.0)
     if threshold is not None:
         targets = (targets >= threshold).to(proposals.dtype)
     return targets

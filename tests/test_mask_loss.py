@@ -174,6 +174,17 @@ def test_each_roi_samples_its_matched_mask():
     torch.testing.assert_close(target, torch.stack([torch.zeros(7, 7), torch.ones(7, 7)]))
 
 
+def test_targets_stay_in_zero_one_whatever_the_rounding():
+    # an all-object mask and many odd boxes: interpolation must not round a target past 1
+    masks = torch.ones(2, 37, 41, dtype=torch.uint8)
+    xy = torch.rand(200, 2) * 30
+    boxes = torch.cat([xy, xy + 0.3 + torch.rand(200, 2) * 10], dim=1)
+    index = torch.randint(0, 2, (200,))
+    target = mask_targets(masks, boxes, index, 28)
+    assert target.min() >= 0 and target.max() <= 1
+    mask_loss(torch.zeros(200, 1, 28, 28), torch.zeros(200, dtype=torch.int64), target)  # passes the input check
+
+
 def test_mask_targets_bad_inputs_raise():
     masks, boxes = square_mask(), torch.tensor([[0.0, 0.0, 7.0, 7.0]])
     with pytest.raises(ValueError, match="outside \\[0, G\\)"):
