@@ -167,6 +167,10 @@ def test_index_links_every_present_chapter_and_maps_every_section():
         pattern = re.compile(rf"^\|[^|]*\b{re.escape(number)}\b[^|]*\|", re.IGNORECASE)
         rows = [row for row in table if pattern.search(row) and words.split()[0].lower() in row.lower()]
         assert rows, f"book/index.md's map has no row for section {number} {words}"
+    for row in table:
+        if any(f"]({name})" in row for name in PRESENT):
+            absent = [p for p in re.findall(r"`((?:mrcnn|kernels|tests|benchmarks)/[\w./-]*)`", row) if not (ROOT / p).exists()]
+            assert not absent, f"book/index.md's map names files that do not exist: {absent} in {row[:60]}..."
     for letter in ["N", "C", "H x W", "A", "R", "K", "P", "M", "G", "D"]:
         assert f"| {letter} |" in index, f"the dimension legend lacks {letter}"
     for command in ["make demo", "make test", "make book"]:
