@@ -21,8 +21,8 @@ The level (FPN paper, eq. 1, as torchvision's LevelMapper):
 
     k_r = floor(k0 + log2(sqrt((x2 - x1)(y2 - y1)) / s0) + eps)  clamped to [k_min, k_min + L - 1]
 
-Backward. The output is linear in F, so the gradient scatters each output gradient back along
-the same sixteen-per-sample weights:
+Backward. The output is linear in F, so the gradient sends each output gradient back to the
+four neighbours of each sample, with the same weights:
 
     dL/dF_l[n, c, y_a, x_b] += w_a(y(p, i)) w_b(x(q, j)) * G[r, c, p, q] / count
 
@@ -34,6 +34,7 @@ What one program computes. Program `(r, t, u)` owns RoI `r`, bins `t*BLOCK_BINS 
 `(p, q)` flattened to `p P_w + q`) and channels `u*BLOCK_C ...`. It reads the RoI, picks its
 level, and loops over the `g_h x g_w` samples of its bins; each sample is four loads (forward)
 or four atomic adds (backward) of a `[BLOCK_BINS, BLOCK_C]` tile, accumulated in float32.
+Forward and backward walk the same samples, so they are one kernel with a `BACKWARD` switch.
 
 Why this layout. All levels are copied once into one channels-last buffer `[N, T, C]`
 (`T = sum_l H_l W_l` positions per image, level `l` starting at position `T_l`), so that
@@ -146,10 +147,14 @@ def _roi_geometry(
 
 
 @triton.jit
-def _roi_align_forward_kernel(
-    features_ptr,  # [N, T, C] channels-last features of every level, float32/float16/bfloat16
+def _roi_align_kernel(
+    features_ptr,  # [N, T, C] channels-last maps of all levels; backward: their float32 gradient, zeroed
     rois_ptr,  # [R, 5] contiguous (batch_index, x1, y1, x2, y2)
-    output_ptr,  # [R, C, P_h, P_w] contiguous, dtype of the features
+    pooled_ptr,  # [R, C, P_h, P_w] forward: the output, written; backward: its gradient G, read
+    pooled_stride_r,  # strides of pooled_ptr, in elements
+    pooled_stride_c,
+    pooled_stride_h,
+    pooled_stride_w,
     num_images,  # N
     channels,  # C
     positions_per_image,  # T
@@ -166,81 +171,12 @@ def _roi_align_forward_kernel(
     POOLED_W: tl.constexpr,  # P_w
     SAMPLING_RATIO: tl.constexpr,  # fixed g, or <= 0 for adaptive
     ALIGNED: tl.constexpr,  # half-pixel offset
+    BACKWARD: tl.constexpr,  # False: gather F into pooled; True: scatter G into features
     BLOCK_BINS: tl.constexpr,  # bins per program (rows of the tile)
     BLOCK_C: tl.constexpr,  # channels per program (columns of the tile)
 ):
     roi = tl.program_id(0)
     bins = tl.program_id(1) * BLOCK_BINS + tl.arange(0, BLOCK_BINS)  # [BLOCK_BINS], bin p P_w + q
-    channel = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
-    bin_mask = bins < POOLED_H * POOLED_W
-    channel_mask = channel < channels
-    p = (bins // POOLED_W).to(tl.float32)
-    q = (bins % POOLED_W).to(tl.float32)
-    height, width, image_base, y_start, x_start, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
-        rois_ptr, roi, num_images, positions_per_image, level_heights, level_widths, level_offsets,
-        level_scales, min_level, canonical_level, canonical_size, level_eps,
-        NUM_LEVELS, POOLED_H, POOLED_W, SAMPLING_RATIO, ALIGNED,
-    )
-
-    acc = tl.zeros([BLOCK_BINS, BLOCK_C], dtype=tl.float32)
-    i = 0
-    while i < grid_h:  # for i in range(g_h), written so that g_h may be a tensor
-        y = y_start + p * bin_h + tl.div_rn((i + 0.5) * bin_h, grid_h)  # y(p, i)
-        y_low, y_high, hy, ly, y_inside = _bilinear_axis(y, height)
-        j = 0
-        while j < grid_w:
-            x = x_start + q * bin_w + tl.div_rn((j + 0.5) * bin_w, grid_w)  # x(q, j)
-            x_low, x_high, hx, lx, x_inside = _bilinear_axis(x, width)
-            used = y_inside & x_inside & bin_mask
-            mask = used[:, None] & channel_mask[None, :]
-            row_low = image_base + y_low * width  # [BLOCK_BINS] int64 positions
-            row_high = image_base + y_high * width
-            f_ll = tl.load(features_ptr + ((row_low + x_low) * channels)[:, None] + channel[None, :], mask=mask, other=0.0)
-            f_lh = tl.load(features_ptr + ((row_low + x_high) * channels)[:, None] + channel[None, :], mask=mask, other=0.0)
-            f_hl = tl.load(features_ptr + ((row_high + x_low) * channels)[:, None] + channel[None, :], mask=mask, other=0.0)
-            f_hh = tl.load(features_ptr + ((row_high + x_high) * channels)[:, None] + channel[None, :], mask=mask, other=0.0)
-            # bilinear(F, y, x) = h_y h_x F[lo, lo] + h_y l_x F[lo, hi] + l_y h_x F[hi, lo] + l_y l_x F[hi, hi]
-            acc += (hy * hx)[:, None] * f_ll.to(tl.float32) + (hy * lx)[:, None] * f_lh.to(tl.float32)
-            acc += (ly * hx)[:, None] * f_hl.to(tl.float32) + (ly * lx)[:, None] * f_hh.to(tl.float32)
-            j += 1
-        i += 1
-    pooled = acc / count  # out[r, c, p, q], the average over the g_h x g_w samples
-
-    bins_per_roi: tl.constexpr = POOLED_H * POOLED_W
-    output_offsets = roi.to(tl.int64) * channels * bins_per_roi + channel[None, :] * bins_per_roi + bins[:, None]
-    tl.store(output_ptr + output_offsets, pooled.to(output_ptr.dtype.element_ty), mask=bin_mask[:, None] & channel_mask[None, :])
-
-
-@triton.jit
-def _roi_align_backward_kernel(
-    grad_output_ptr,  # [R, C, P_h, P_w] any strides, the gradient of the pooled features
-    rois_ptr,  # [R, 5] contiguous (batch_index, x1, y1, x2, y2)
-    grad_features_ptr,  # [N, T, C] float32, zero-filled: receives dL/dF of every level
-    grad_stride_r,  # strides of grad_output, in elements
-    grad_stride_c,
-    grad_stride_h,
-    grad_stride_w,
-    num_images,  # N
-    channels,  # C
-    positions_per_image,  # T
-    level_heights,  # tuple of L ints: H_l
-    level_widths,  # tuple of L ints: W_l
-    level_offsets,  # tuple of L ints: T_l
-    level_scales,  # tuple of L floats: spatial scales
-    min_level,  # k_min
-    canonical_level,  # k0
-    canonical_size,  # s0
-    level_eps,  # eps of the level assignment
-    NUM_LEVELS: tl.constexpr,  # L
-    POOLED_H: tl.constexpr,  # P_h
-    POOLED_W: tl.constexpr,  # P_w
-    SAMPLING_RATIO: tl.constexpr,  # fixed g, or <= 0 for adaptive
-    ALIGNED: tl.constexpr,  # half-pixel offset
-    BLOCK_BINS: tl.constexpr,  # bins per program (rows of the tile)
-    BLOCK_C: tl.constexpr,  # channels per program (columns of the tile)
-):
-    roi = tl.program_id(0)
-    bins = tl.program_id(1) * BLOCK_BINS + tl.arange(0, BLOCK_BINS)  # [BLOCK_BINS]
     channel = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
     bin_mask = bins < POOLED_H * POOLED_W
     channel_mask = channel < channels
@@ -253,34 +189,43 @@ def _roi_align_backward_kernel(
         level_scales, min_level, canonical_level, canonical_size, level_eps,
         NUM_LEVELS, POOLED_H, POOLED_W, SAMPLING_RATIO, ALIGNED,
     )
+    pooled_offsets = (roi.to(tl.int64) * pooled_stride_r + channel[None, :].to(tl.int64) * pooled_stride_c
+                      + (p_index * pooled_stride_h + q_index * pooled_stride_w)[:, None])  # [BLOCK_BINS, BLOCK_C]
+    pooled_mask = bin_mask[:, None] & channel_mask[None, :]
+    if BACKWARD:
+        grad = tl.load(pooled_ptr + pooled_offsets, mask=pooled_mask, other=0.0).to(tl.float32) / count  # G / count
+    acc = tl.zeros([BLOCK_BINS, BLOCK_C], dtype=tl.float32)
 
-    grad_offsets = (roi.to(tl.int64) * grad_stride_r + channel[None, :].to(tl.int64) * grad_stride_c
-                    + (p_index * grad_stride_h + q_index * grad_stride_w)[:, None])
-    grad = tl.load(grad_output_ptr + grad_offsets, mask=bin_mask[:, None] & channel_mask[None, :], other=0.0)
-    grad = grad.to(tl.float32) / count  # G[r, c, p, q] / count, [BLOCK_BINS, BLOCK_C]
     i = 0
-    while i < grid_h:  # for i in range(g_h), written so that g_h may be a tensor
+    while i < grid_h:  # for i in range(g_h); Triton 3.6's interpreter cannot range() over a tensor
         y = y_start + p * bin_h + tl.div_rn((i + 0.5) * bin_h, grid_h)  # y(p, i)
         y_low, y_high, hy, ly, y_inside = _bilinear_axis(y, height)
         j = 0
         while j < grid_w:
             x = x_start + q * bin_w + tl.div_rn((j + 0.5) * bin_w, grid_w)  # x(q, j)
             x_low, x_high, hx, lx, x_inside = _bilinear_axis(x, width)
-            used = y_inside & x_inside & bin_mask
-            mask = used[:, None] & channel_mask[None, :]
-            row_low = image_base + y_low * width  # [BLOCK_BINS] int64 positions
+            mask = (y_inside & x_inside & bin_mask)[:, None] & channel_mask[None, :]
+            row_low = image_base + y_low * width  # [BLOCK_BINS] int64 positions in the buffer
             row_high = image_base + y_high * width
-            # dL/dF[n, c, y_a, x_b] += w_a(y) w_b(x) G[r, c, p, q] / count
-            tl.atomic_add(grad_features_ptr + ((row_low + x_low) * channels)[:, None] + channel[None, :],
-                          (hy * hx)[:, None] * grad, mask=mask, sem="relaxed")
-            tl.atomic_add(grad_features_ptr + ((row_low + x_high) * channels)[:, None] + channel[None, :],
-                          (hy * lx)[:, None] * grad, mask=mask, sem="relaxed")
-            tl.atomic_add(grad_features_ptr + ((row_high + x_low) * channels)[:, None] + channel[None, :],
-                          (ly * hx)[:, None] * grad, mask=mask, sem="relaxed")
-            tl.atomic_add(grad_features_ptr + ((row_high + x_high) * channels)[:, None] + channel[None, :],
-                          (ly * lx)[:, None] * grad, mask=mask, sem="relaxed")
+            f_ll_ptr = features_ptr + ((row_low + x_low) * channels)[:, None] + channel[None, :]
+            f_lh_ptr = features_ptr + ((row_low + x_high) * channels)[:, None] + channel[None, :]
+            f_hl_ptr = features_ptr + ((row_high + x_low) * channels)[:, None] + channel[None, :]
+            f_hh_ptr = features_ptr + ((row_high + x_high) * channels)[:, None] + channel[None, :]
+            if BACKWARD:  # dL/dF[n, c, y_a, x_b] += w_a(y) w_b(x) G[r, c, p, q] / count
+                tl.atomic_add(f_ll_ptr, (hy * hx)[:, None] * grad, mask=mask, sem="relaxed")
+                tl.atomic_add(f_lh_ptr, (hy * lx)[:, None] * grad, mask=mask, sem="relaxed")
+                tl.atomic_add(f_hl_ptr, (ly * hx)[:, None] * grad, mask=mask, sem="relaxed")
+                tl.atomic_add(f_hh_ptr, (ly * lx)[:, None] * grad, mask=mask, sem="relaxed")
+            else:  # bilinear(F, y, x) = h_y h_x F[lo, lo] + h_y l_x F[lo, hi] + l_y h_x F[hi, lo] + l_y l_x F[hi, hi]
+                acc += (hy * hx)[:, None] * tl.load(f_ll_ptr, mask=mask, other=0.0).to(tl.float32)
+                acc += (hy * lx)[:, None] * tl.load(f_lh_ptr, mask=mask, other=0.0).to(tl.float32)
+                acc += (ly * hx)[:, None] * tl.load(f_hl_ptr, mask=mask, other=0.0).to(tl.float32)
+                acc += (ly * lx)[:, None] * tl.load(f_hh_ptr, mask=mask, other=0.0).to(tl.float32)
             j += 1
         i += 1
+
+    if not BACKWARD:  # out[r, c, p, q], the average over the g_h x g_w samples
+        tl.store(pooled_ptr + pooled_offsets, (acc / count).to(pooled_ptr.dtype.element_ty), mask=pooled_mask)
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -323,48 +268,25 @@ class _Layout:
         )  # each [N, C, H_l, W_l]
 
 
-def _kernel_arguments(layout: _Layout, settings: dict) -> tuple:
-    """The arguments shared by both kernels after the tensors and strides."""
-    return (
-        layout.num_images, layout.channels, layout.positions, layout.heights, layout.widths,
-        layout.offsets, settings["spatial_scales"], *settings["level_mapping"],
-    )
+def _launch(features: Tensor, rois: Tensor, pooled: Tensor, layout: _Layout, settings: dict, backward: bool) -> None:
+    """Run the kernel over the grid `(R, bin blocks, channel blocks)`; nothing to do for R = 0.
 
-
-def _constexprs(layout: _Layout, settings: dict, element_size: int) -> dict:
+    features `[N, T, C]` (backward: the float32 gradient buffer), rois `[R, 5]` contiguous,
+    pooled `[R, C, P_h, P_w]` (backward: the gradient of the output, any strides).
+    """
+    if rois.shape[0] == 0:
+        return
     pooled_h, pooled_w = settings["output_size"]
-    block_bins, block_c = _block_sizes(layout.channels, pooled_h * pooled_w, element_size)
-    return dict(
+    block_bins, block_c = _block_sizes(layout.channels, pooled_h * pooled_w, pooled.element_size())
+    grid = (rois.shape[0], triton.cdiv(pooled_h * pooled_w, block_bins), triton.cdiv(layout.channels, block_c))
+    _roi_align_kernel[grid](
+        features, rois, pooled, *pooled.stride(),
+        layout.num_images, layout.channels, layout.positions, layout.heights, layout.widths, layout.offsets,
+        settings["spatial_scales"], *settings["level_mapping"],
         NUM_LEVELS=len(layout.heights), POOLED_H=pooled_h, POOLED_W=pooled_w,
-        SAMPLING_RATIO=settings["sampling_ratio"], ALIGNED=settings["aligned"],
+        SAMPLING_RATIO=settings["sampling_ratio"], ALIGNED=settings["aligned"], BACKWARD=backward,
         BLOCK_BINS=block_bins, BLOCK_C=block_c, num_warps=4,
     )
-
-
-def _forward(packed: Tensor, rois: Tensor, layout: _Layout, settings: dict) -> Tensor:
-    """Launch the forward kernel: `[N, T, C]` features, `[R, 5]` rois -> `[R, C, P_h, P_w]`."""
-    pooled_h, pooled_w = settings["output_size"]
-    output = packed.new_empty(rois.shape[0], layout.channels, pooled_h, pooled_w)
-    if rois.shape[0] == 0:
-        return output
-    meta = _constexprs(layout, settings, packed.element_size())
-    grid = (rois.shape[0], triton.cdiv(pooled_h * pooled_w, meta["BLOCK_BINS"]), triton.cdiv(layout.channels, meta["BLOCK_C"]))
-    _roi_align_forward_kernel[grid](packed, rois, output, *_kernel_arguments(layout, settings), **meta)
-    return output
-
-
-def _backward(grad_output: Tensor, rois: Tensor, layout: _Layout, settings: dict) -> Tensor:
-    """Launch the backward kernel: `[R, C, P_h, P_w]` -> float32 `[N, T, C]` gradient of the features."""
-    grad_packed = torch.zeros(layout.num_images, layout.positions, layout.channels, device=grad_output.device)
-    if rois.shape[0] == 0:
-        return grad_packed
-    pooled_h, pooled_w = settings["output_size"]
-    meta = _constexprs(layout, settings, grad_output.element_size())
-    grid = (rois.shape[0], triton.cdiv(pooled_h * pooled_w, meta["BLOCK_BINS"]), triton.cdiv(layout.channels, meta["BLOCK_C"]))
-    _roi_align_backward_kernel[grid](
-        grad_output, rois, grad_packed, *grad_output.stride(), *_kernel_arguments(layout, settings), **meta
-    )
-    return grad_packed
 
 
 class _RoIAlignFunction(torch.autograd.Function):
@@ -375,14 +297,18 @@ class _RoIAlignFunction(torch.autograd.Function):
         layout = _Layout(features)
         ctx.save_for_backward(rois)
         ctx.layout, ctx.settings, ctx.dtype = layout, settings, features[0].dtype
-        return _forward(layout.pack(features), rois, layout, settings)
+        pooled = features[0].new_empty(rois.shape[0], layout.channels, *settings["output_size"])  # [R, C, P_h, P_w]
+        _launch(layout.pack(features), rois, pooled, layout, settings, backward=False)
+        return pooled
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output: Tensor):
+    def backward(ctx, grad_pooled: Tensor):
         (rois,) = ctx.saved_tensors
-        grad_packed = _backward(grad_output, rois, ctx.layout, ctx.settings).to(ctx.dtype)  # [N, T, C]
-        return (None, None, *ctx.layout.unpack(grad_packed))
+        layout = ctx.layout
+        grad_packed = torch.zeros(layout.num_images, layout.positions, layout.channels, device=grad_pooled.device)
+        _launch(grad_packed, rois, grad_pooled, layout, ctx.settings, backward=True)  # [N, T, C] float32
+        return (None, None, *layout.unpack(grad_packed.to(ctx.dtype)))
 
 
 # ------------------------------------------------------------------------------ public functions

@@ -174,8 +174,7 @@ class _NoLaunch:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_roi_set(device, monkeypatch):
-    monkeypatch.setattr(kernel_module, "_roi_align_forward_kernel", _NoLaunch())
-    monkeypatch.setattr(kernel_module, "_roi_align_backward_kernel", _NoLaunch())
+    monkeypatch.setattr(kernel_module, "_roi_align_kernel", _NoLaunch())
     features = [torch.randn(2, 3, 8, 8, device=device, requires_grad=True), torch.randn(2, 3, 4, 4, device=device, requires_grad=True)]
     rois = torch.zeros(0, 5, device=device)
     out = roi_align(features[0], rois, 7, 0.25)
@@ -248,7 +247,7 @@ def _bad_inputs():
 
 @pytest.mark.parametrize("message, features, rois", list(_bad_inputs()))
 def test_bad_input_raises_before_launch(message, features, rois, monkeypatch):
-    monkeypatch.setattr(kernel_module, "_roi_align_forward_kernel", _NoLaunch())
+    monkeypatch.setattr(kernel_module, "_roi_align_kernel", _NoLaunch())
     with pytest.raises(ValueError, match=message):
         roi_align(features, rois, 2)
     with pytest.raises(ValueError, match=message):
