@@ -1,7 +1,7 @@
 r"""RoIAlign and FPN's multi-level RoIAlign as Triton kernels (Mask R-CNN, section 3).
 
-Same numbers as `mrcnn.roi_align.roi_align_reference` (torchvision's definition), computed by
-one kernel launch per direction, for one feature map or for all FPN levels at once.
+Same numbers as `mrcnn.roi_align.roi_align_reference` (torchvision's definition), with one
+launch per direction for one feature map or for all FPN levels at once.
 
 Forward. RoI `r = (n_r, x1, y1, x2, y2)` is pooled from level `l_r` with spatial scale `s`
 (offset `o = 1/2` when `aligned`, else 0; the legacy mode makes a RoI at least one pixel):
@@ -36,15 +36,13 @@ level, and loops over the `g_h x g_w` samples of its bins; each sample is four l
 or four atomic adds (backward) of a `[BLOCK_BINS, BLOCK_C]` tile, accumulated in float32.
 Forward and backward walk the same samples, so they are one kernel with a `BACKWARD` switch.
 
-Why this layout. All levels are copied once into one channels-last buffer `[N, T, C]`
-(`T = sum_l H_l W_l` positions per image, level `l` starting at position `T_l`), so that
-a tile row is `C` contiguous values: loads and atomic adds coalesce across a warp, where the
-`[N, C, H, W]` layout would touch one memory sector per channel. Vectorizing over channels also
-keeps the loop uniform: all bins of a program share the RoI's sample count. The per-level
-heights, widths, offsets and scales travel as kernel arguments (tuples), and each program
-computes its RoI's level itself, so the multi-level path needs no sort, no gather of RoIs per
-level and no host synchronization: a concatenation, an allocation and one launch forward;
-a zero fill, one launch and (for float16/bfloat16) a cast backward.
+Why this layout. All levels are copied once into one channels-last buffer `[N, T, C]` (`T =
+sum_l H_l W_l` positions per image, level `l` from position `T_l`): a tile row is then `C`
+contiguous values, so loads and atomic adds coalesce across a warp, where `[N, C, H, W]` would
+touch one memory sector per channel; and all bins of a program share one sample loop. The
+per-level sizes, offsets and scales are kernel arguments (tuples) and each program computes its
+RoI's level itself: no sort, no gather of RoIs per level, no host synchronization. Forward: a
+concatenation, an allocation, one launch. Backward: a zero fill, one launch, a cast (16 bits).
 """
 
 from __future__ import annotations
@@ -111,10 +109,7 @@ def _roi_geometry(
         k = tl.floor(canonical_level + tl.log2(roi_size / canonical_size) + level_eps)
         for j in tl.static_range(1, NUM_LEVELS):
             level += (k >= min_level + j).to(tl.int32)
-    height = level_heights[0]
-    width = level_widths[0]
-    level_offset = level_offsets[0]
-    spatial_scale = level_scales[0]
+    height, width, level_offset, spatial_scale = level_heights[0], level_widths[0], level_offsets[0], level_scales[0]
     for j in tl.static_range(1, NUM_LEVELS):
         height = tl.where(level == j, level_heights[j], height)
         width = tl.where(level == j, level_widths[j], width)
@@ -180,10 +175,8 @@ def _roi_align_kernel(
     channel = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
     bin_mask = bins < POOLED_H * POOLED_W
     channel_mask = channel < channels
-    p_index = bins // POOLED_W
-    q_index = bins % POOLED_W
-    p = p_index.to(tl.float32)
-    q = q_index.to(tl.float32)
+    p_index, q_index = bins // POOLED_W, bins % POOLED_W  # [BLOCK_BINS] each
+    p, q = p_index.to(tl.float32), q_index.to(tl.float32)
     height, width, image_base, y_start, x_start, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
         rois_ptr, roi, num_images, positions_per_image, level_heights, level_widths, level_offsets,
         level_scales, min_level, canonical_level, canonical_size, level_eps,
@@ -262,18 +255,12 @@ class _Layout:
 
     def unpack(self, packed: Tensor) -> tuple[Tensor, ...]:
         """`[N, T, C]` -> `L x [N, C, H_l, W_l]` views (channels-last strides), no copy."""
-        return tuple(
-            packed[:, offset : offset + h * w].reshape(self.num_images, h, w, self.channels).permute(0, 3, 1, 2)
-            for offset, h, w in zip(self.offsets, self.heights, self.widths)
-        )  # each [N, C, H_l, W_l]
+        levels = zip(self.offsets, self.heights, self.widths)
+        return tuple(packed[:, t : t + h * w].reshape(-1, h, w, self.channels).permute(0, 3, 1, 2) for t, h, w in levels)
 
 
 def _launch(features: Tensor, rois: Tensor, pooled: Tensor, layout: _Layout, settings: dict, backward: bool) -> None:
-    """Run the kernel over the grid `(R, bin blocks, channel blocks)`; nothing to do for R = 0.
-
-    features `[N, T, C]` (backward: the float32 gradient buffer), rois `[R, 5]` contiguous,
-    pooled `[R, C, P_h, P_w]` (backward: the gradient of the output, any strides).
-    """
+    """Run the kernel on the grid `(R, bin blocks, channel blocks)`, arguments as the kernel's."""
     if rois.shape[0] == 0:
         return
     pooled_h, pooled_w = settings["output_size"]
@@ -313,9 +300,6 @@ class _RoIAlignFunction(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------ public functions
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _check_inputs(features, rois, output_size, spatial_scales, sampling_ratio, validate: bool) -> tuple[int, int]:
     """Raise a `ValueError` naming the problem before any launch; return `(P_h, P_w)`.
 
@@ -324,17 +308,18 @@ def _check_inputs(features, rois, output_size, spatial_scales, sampling_ratio, v
     CUDA. Without it, a RoI with a bad batch index pools zeros and a non-finite one pools zeros
     or garbage, but nothing is read or written out of bounds.
     """
-    if not isinstance(features, (list, tuple)) or len(features) == 0:
-        raise ValueError("features must be a non-empty list of [N, C, H, W] tensors")
+    shape = lambda t: tuple(getattr(t, "shape", ()))  # noqa: E731
+    if isinstance(features, Tensor) or len(features) == 0:
+        raise ValueError("features must be a non-empty list of [N, C, H, W] tensors, one per level")
     for level, f in enumerate(features):
         if not isinstance(f, Tensor) or f.dim() != 4:
-            raise ValueError(f"features[{level}] must be a [N, C, H, W] tensor, got shape {tuple(getattr(f, 'shape', ()))}")
-        if f.dtype not in _DTYPES:
+            raise ValueError(f"features[{level}] must be a [N, C, H, W] tensor, got shape {shape(f)}")
+        if f.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"features[{level}] must be float32, float16 or bfloat16, got {f.dtype}")
         if (f.shape[:2], f.dtype, f.device) != (features[0].shape[:2], features[0].dtype, features[0].device):
             raise ValueError(f"features[{level}] must have the N, C, dtype and device of features[0]")
     if not isinstance(rois, Tensor) or rois.dim() != 2 or rois.shape[1] != 5:
-        raise ValueError(f"rois must be a [R, 5] tensor of (batch_index, x1, y1, x2, y2), got shape {tuple(getattr(rois, 'shape', ()))}")
+        raise ValueError(f"rois must be a [R, 5] tensor of (batch_index, x1, y1, x2, y2), got shape {shape(rois)}")
     if rois.device != features[0].device:
         raise ValueError(f"features are on {features[0].device} but rois are on {rois.device}")
     if rois.dtype != features[0].dtype:
@@ -347,8 +332,7 @@ def _check_inputs(features, rois, output_size, spatial_scales, sampling_ratio, v
     if not isinstance(sampling_ratio, int):
         raise ValueError(f"sampling_ratio must be an int (<= 0 for adaptive), got {sampling_ratio!r}")
     if validate and rois.shape[0] > 0:
-        num_images = features[0].shape[0]
-        batch_index = rois[:, 0]
+        num_images, batch_index = features[0].shape[0], rois[:, 0]
         finite = torch.isfinite(rois).all(dim=1)  # [R]
         in_range = (batch_index >= 0) & (batch_index < num_images) & (batch_index == batch_index.floor())  # [R]
         if not bool((finite & in_range).all()):  # the one host synchronization
@@ -356,7 +340,7 @@ def _check_inputs(features, rois, output_size, spatial_scales, sampling_ratio, v
                 bad = int((~finite).nonzero()[0, 0])
                 raise ValueError(f"rois must be finite; row {bad} is {rois[bad].tolist()}")
             bad = int((~in_range).nonzero()[0, 0])
-            raise ValueError(f"rois[{bad}] has batch index {batch_index[bad].item()}, outside [0, {num_images}) for {num_images} images")
+            raise ValueError(f"rois[{bad}] has batch index {batch_index[bad].item()}, outside [0, {num_images})")
     return pooled
 
 
@@ -407,7 +391,6 @@ def multi_level_roi_align(
     checks the values of `rois` first, which synchronizes once on CUDA (the model, whose rois
     are valid by construction, should pass `validate=False`).
     """
-    features = list(features)
     pooled = _check_inputs(features, rois, output_size, spatial_scales, sampling_ratio, validate)
     settings = dict(
         output_size=pooled, spatial_scales=tuple(float(s) for s in spatial_scales),
