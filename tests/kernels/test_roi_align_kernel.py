@@ -216,6 +216,20 @@ def test_bfloat16_on_cuda():
         assert_matches_reference(features, rois, (3, 2), 0.5, sampling_ratio, False, 5e-2, 2e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETER, reason="host synchronization is a CUDA matter")
+def test_multi_level_without_validation_never_synchronizes():
+    features = [torch.randn(2, 8, 64 // s, 80 // s, device="cuda", requires_grad=True) for s in (4, 8, 16)]
+    rois = torch.tensor([[0, 4.0, 4.0, 20.0, 24.0], [1, 3.0, 5.0, 115.0, 117.0], [1, 0.0, 0.0, 80.0, 900.0]], device="cuda")
+    multi_level_roi_align(features, rois, 7, [1 / 4, 1 / 8, 1 / 16], 2, validate=False).sum().backward()  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = multi_level_roi_align(features, rois, 7, [1 / 4, 1 / 8, 1 / 16], 2, validate=False)
+        torch.autograd.grad(out, features, torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_without_validation_a_bad_batch_index_pools_zeros(device):
     features = torch.randn(2, 3, 9, 11, device=device)
