@@ -215,6 +215,9 @@ def test_notebook_kernel_is_this_python():
     assert argv0 in {"python", "python3", f"python{sys.version_info[0]}.{sys.version_info[1]}"} or Path(argv0).resolve() == Path(sys.executable).resolve()
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 @pytest.fixture(scope="module")
 def mkdocs_config():
     from mkdocs.config import load_config
@@ -227,12 +230,17 @@ def mkdocs_config():
 @pytest.mark.parametrize("chapter", PRESENT)
 def test_chapter_runs(chapter, mkdocs_config, monkeypatch, tmp_path_factory):
     """The chapter runs top to bottom without an error, and draws at least one figure."""
+    from nbclient.exceptions import CellExecutionError
+
     hooks = _load_book_hooks()
     monkeypatch.chdir(ROOT)  # where `make book-build` runs mkdocs, so where the chapter runs
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as for `make book-build`: a chapter sets what it needs
     monkeypatch.setenv(hooks.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "book-cache"))  # shared with test_site.py
     started = time.monotonic()
-    html = hooks.execute_chapter(BOOK / chapter, mkdocs_config)  # raises with the failing cell and its traceback
+    try:
+        html = hooks.execute_chapter(BOOK / chapter, mkdocs_config)
+    except CellExecutionError as error:  # the failing cell and its traceback, without terminal colours
+        pytest.fail(f"{chapter} fails:\n{ANSI_ESCAPE.sub('', str(error))}", pytrace=False)
     seconds = time.monotonic() - started
     assert "jp-Cell" in html
     assert re.search(r"<img[^>]+src=\"data:image/(png|svg|jpeg)", html), f"{chapter} draws no figure"
