@@ -1,0 +1,326 @@
+r"""Training: SGD on the multi-task loss, reproducible, resumable and distributed (paper section 3.1).
+
+**The loss.** On every sampled RoI the paper minimizes `L = L_cls + L_box + L_mask` (section 3),
+and the RPN, trained jointly, adds its objectness and box terms (with FPN, "features are
+shared between RPN and Mask R-CNN"). The model returns the five terms; a step minimizes their
+sum, averaged over the images of the batch:
+
+    L_step = 1/B sum_{n=1..B} ( L_objectness + L_rpn_box + L_cls + L_box + L_mask )(image n)
+
+Each image is run through the model on its own and its loss is divided by B before the backward
+pass, so the gradients of a batch add up in `.grad`. This is what makes the result independent
+of how the batch is split across processes: the RoI sampler, the mask loss's average over the
+positive RoIs and the batch statistics of `nn.BatchNorm2d` all see one image at a time, exactly
+as in a run of B processes with one image each.
+
+**The schedule** (section 3.1, "Training"): "We train on 8 GPUs (so effective minibatch size is
+16) for 160k iterations, with a learning rate of 0.02 which is decreased by 10 at the 120k
+iteration. We use a weight decay of 0.0001 and momentum of 0.9." `paper_schedule` scales it to
+another batch size B with the linear scaling rule of Goyal et al. (2017), which keeps the number
+of epochs: `lr = 0.02 B / 16`, `iterations = 160k * 16 / B`, times a `schedule` factor (0.5 is a
+half schedule). A linear warm-up starts from a small fraction `f` of the rate (Goyal et al.):
+
+    lr(t) = lr_0 * 0.1^{#\{m in decay_steps : t >= m\}} * (f + (1 - f) t / W   if t < W, else 1)
+
+**Reproducibility.** Everything random in a step is a function of the seed and the position in
+the run, never of the process, the data-loader worker or what ran before:
+
+- data order: the images of epoch e are `permutation(seed, e)`; step t takes the t-th slice of B
+  images. A process of rank r in a world of size W takes the r-th B/W of that slice.
+- augmentation: image i of epoch e is flipped horizontally when `uniform(seed, e, i) < 1/2`.
+- sampling: before image p of step t, torch's generator is seeded with `(seed, t, p)`; the RPN's
+  anchor sampling and the box branch's RoI sampling draw from it.
+
+So a resumed run (checkpoint, then `resume=True`) repeats the uninterrupted one to the last bit,
+and a run on W processes gives the weights of a one-process run with the same global batch (to
+float rounding of the gradient all-reduce; tests/test_ddp.py). Under `torchrun` (WORLD_SIZE > 1)
+it initializes torch.distributed from the environment (gloo on CPU, nccl on CUDA) and wraps the
+model in DistributedDataParallel; rank 0 logs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from mrcnn.checkpoint import load_checkpoint, load_model_state, save_checkpoint, set_rng_states
+from mrcnn.data.coco import horizontal_flip
+
+PAPER_ITERATIONS, PAPER_BATCH_SIZE, PAPER_LR, PAPER_DECAY_AT = 160_000, 16, 0.02, (0.75,)  # 120k of 160k
+CHECKPOINT_NAME, LOG_NAME = "checkpoint.pt", "log.jsonl"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss of a step is NaN or infinite; the weights were not updated."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    iterations: int  # optimizer steps in the whole run
+    batch_size: int = 16  # B: images per step, over all processes
+    lr: float = 0.02  # the rate after warm-up, before decay
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    decay_steps: tuple[int, ...] = (120_000,)  # the rate is multiplied by decay_factor at each
+    decay_factor: float = 0.1
+    warmup_iterations: int = 1000  # W
+    warmup_factor: float = 0.001  # f: the rate starts at f * lr
+    clip_grad_norm: float | None = None  # clip the global gradient norm (not in the paper)
+    amp: str = "off"  # "bf16" or "fp16": autocast on CUDA (fp16 with a GradScaler)
+    flip: bool = True  # horizontal flipping, the one augmentation of the reference recipes
+    seed: int = 0
+    checkpoint_every: int = 1000
+    workers: int = 0  # data-loader processes
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ValueError(f"iterations, batch_size and checkpoint_every must be >= 1, got {self.iterations}, "
+                             f"{self.batch_size}, {self.checkpoint_every}")  # fmt: skip
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.amp not in ("off", "bf16", "fp16"):
+            raise ValueError(f"amp must be off, bf16 or fp16, got {self.amp!r}")
+        if self.warmup_iterations < 0 or not 0 < self.warmup_factor <= 1:
+            raise ValueError(f"need warmup_iterations >= 0 and 0 < warmup_factor <= 1, got "
+                             f"{self.warmup_iterations}, {self.warmup_factor}")  # fmt: skip
+
+
+def paper_schedule(batch_size: int = 16, schedule: float = 1.0, lr: float | None = None,
+                   iterations: int | None = None, **settings) -> TrainSettings:  # fmt: skip
+    """The paper's schedule for a global batch of `batch_size` images (module docstring).
+
+    lr and iterations, when given, replace the scaled values; the decay step stays at 3/4 of the
+    run and the warm-up takes min(1000, iterations / 10) steps unless `settings` say otherwise.
+    """
+    if schedule <= 0:
+        raise ValueError(f"schedule must be > 0, got {schedule}")
+    iterations = iterations or max(1, round(PAPER_ITERATIONS * schedule * PAPER_BATCH_SIZE / batch_size))
+    settings.setdefault("decay_steps", tuple(round(fraction * iterations) for fraction in PAPER_DECAY_AT))
+    settings.setdefault("warmup_iterations", min(1000, iterations // 10))
+    lr = lr or PAPER_LR * batch_size / PAPER_BATCH_SIZE  # the linear scaling rule
+    return TrainSettings(iterations=iterations, batch_size=batch_size, lr=lr, **settings)
+
+
+def learning_rate_factor(step: int, settings: TrainSettings) -> float:
+    """lr(t) / lr_0 for step t (0-based): warm-up, then step decay (module docstring)."""
+    factor = settings.decay_factor ** sum(step >= milestone for milestone in settings.decay_steps)
+    if step < settings.warmup_iterations:
+        alpha = step / settings.warmup_iterations
+        factor *= settings.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def sampling_seed(seed: int, step: int, position: int) -> int:
+    """The seed of torch's generator before image `position` of step `step` (module docstring)."""
+    return int(np.random.SeedSequence((seed, step, position)).generate_state(1)[0])
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """This process's share of each step's global batch, for steps `start_step` to `iterations - 1`.
+
+    Yields one list per step of keys `(step, position, epoch, index)`: `index` is the data set
+    index, `position` its place in the global batch of `batch_size`. Epoch e visits the images
+    in `numpy.random.default_rng((seed, e)).permutation(num_images)`; an epoch is
+    `num_images // batch_size` steps (the incomplete last batch is left out).
+    """
+
+    def __init__(self, num_images: int, batch_size: int, seed: int, iterations: int, start_step: int = 0,
+                 rank: int = 0, world_size: int = 1):  # fmt: skip
+        if batch_size % world_size:
+            raise ValueError(f"the batch size {batch_size} must be a multiple of the number of processes {world_size}")
+        if num_images < batch_size:
+            raise ValueError(f"the data set has {num_images} images, fewer than one batch of {batch_size}")
+        self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
+        self.iterations, self.start_step, self.rank, self.world_size = iterations, start_step, rank, world_size
+        self.steps_per_epoch = num_images // batch_size
+
+    def __len__(self) -> int:
+        return max(0, self.iterations - self.start_step)
+
+    def __iter__(self):
+        local = self.batch_size // self.world_size
+        epoch_order = (-1, None)
+        for step in range(self.start_step, self.iterations):
+            epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
+            if epoch_order[0] != epoch:
+                epoch_order = (epoch, np.random.default_rng((self.seed, epoch)).permutation(self.num_images))
+            start = batch_in_epoch * self.batch_size + self.rank * local
+            positions = range(self.rank * local, (self.rank + 1) * local)
+            yield [(step, p, epoch, int(i)) for p, i in zip(positions, epoch_order[1][start : start + local])]
+
+
+class TrainingImages(torch.utils.data.Dataset):
+    """A data set read by key `(step, position, epoch, index)`, flipped as a function of (seed, epoch, index).
+
+    dataset: gives `(image [3, H, W], target)` for an index, without augmentation of its own
+    (a `CocoDataset` built with `train=False`, or a `ShapesDataset`).
+    """
+
+    def __init__(self, dataset, seed: int = 0, flip: bool = True):
+        if getattr(dataset, "train", False):
+            raise ValueError("build the data set with train=False: the trainer flips images itself, reproducibly")
+        self.dataset, self.seed, self.flip = dataset, seed, flip
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int, int]) -> tuple[tuple, torch.Tensor, dict]:
+        _, _, epoch, index = key
+        image, target = self.dataset[index]
+        if self.flip and np.random.default_rng((self.seed, epoch, index)).random() < 0.5:
+            image, target = horizontal_flip(image, target)
+        return key, image, target
+
+
+def _collate(batch: list) -> tuple[list, list, list]:
+    keys, images, targets = zip(*batch)
+    return list(keys), list(images), list(targets)
+
+
+def distributed_setup(device: str | torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process; joins the process group when WORLD_SIZE > 1.
+
+    Under torchrun each process takes the CUDA device of its LOCAL_RANK (nccl), or the CPU (gloo).
+    """
+    device = torch.device(device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return (dist.get_rank() if world_size > 1 else 0), world_size, device
+
+
+def _read_log(path: Path, up_to_step: int) -> list[dict]:
+    """The log records of steps 1..up_to_step (a resumed run rewrites the later ones)."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for record in records if record["step"] <= up_to_step]
+
+
+def train(model: nn.Module, dataset, settings: TrainSettings, output_dir: str | os.PathLike,
+          device: str | torch.device = "cpu", resume: bool = False, progress: bool = True) -> dict:  # fmt: skip
+    """Train `model` (a `MaskRCNN`, its `config` is saved with it) on `dataset` with `settings`.
+
+    Writes under `output_dir`: `checkpoint.pt` every `settings.checkpoint_every` steps and at the
+    end (atomically), and `log.jsonl`, one JSON record per step: {"step" (1-based), "lr", "loss"
+    and each loss term (means over the batch), "seconds" since the start}. resume: continue from
+    `output_dir/checkpoint.pt` when it exists. Raises `NonFiniteLossError` when a step's loss is
+    not finite, before the weights change; the last checkpoint is kept. Returns a summary dict.
+    """
+    output_dir = Path(output_dir)
+    rank, world_size, device = distributed_setup(device)
+    if settings.amp != "off" and device.type != "cuda":
+        raise ValueError(f"mixed precision (amp={settings.amp}) needs a CUDA device, got {device}")
+    checkpoint_path, log_path = output_dir / CHECKPOINT_NAME, output_dir / LOG_NAME
+    model.to(device).train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, settings))
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
+    start_step = 0
+    if resume and checkpoint_path.exists():
+        checkpoint = load_checkpoint(checkpoint_path, map_location=device)
+        if checkpoint["settings"].get("seed") != settings.seed or checkpoint["settings"].get("batch_size") != settings.batch_size:
+            raise ValueError(f"{checkpoint_path} was trained with another seed or batch size; resuming would change the data order")
+        load_model_state(model, checkpoint, checkpoint_path)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint["scaler"] is not None:
+            scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_states(checkpoint["rng"])
+        start_step = checkpoint["step"]
+    records = _read_log(log_path, start_step) if rank == 0 else []
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+    network = model
+    if world_size > 1:
+        network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    sampler = GlobalBatchSampler(len(dataset), settings.batch_size, settings.seed, settings.iterations, start_step,
+                                 rank, world_size)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        TrainingImages(dataset, settings.seed, settings.flip), batch_sampler=sampler, collate_fn=_collate,
+        num_workers=settings.workers, generator=torch.Generator().manual_seed(settings.seed),
+    )  # fmt: skip
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if settings.amp == "bf16" else torch.float16,
+                              enabled=settings.amp != "off")  # fmt: skip
+    config, saved_settings = model.config, dataclasses.asdict(settings)
+    bar = tqdm(total=settings.iterations, initial=start_step, desc="train", unit="step", disable=not progress or rank != 0)
+    running: dict[str, float] = {}
+    run_started, earlier_seconds = time.perf_counter(), (records[-1]["seconds"] if records else 0.0)
+    last_saved = start_step
+    names: list[str] = []
+    with log_path.open("a") if rank == 0 else contextlib.nullcontext() as log:
+        for keys, images, targets in loader:
+            step = keys[0][0]
+            totals = None
+            for index, (key, image, target) in enumerate(zip(keys, images, targets)):
+                torch.manual_seed(sampling_seed(settings.seed, step, key[1]))
+                image = image.to(device, non_blocking=True)
+                target = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in target.items()}
+                last = index == len(keys) - 1
+                with network.no_sync() if world_size > 1 and not last else contextlib.nullcontext():
+                    with autocast:
+                        losses = network([image], [target])
+                    names = list(losses)
+                    loss = sum(losses.values()) / len(keys)  # this image's share of L_step
+                    scaler.scale(loss).backward()
+                terms = torch.stack([value.detach().float() for value in losses.values()]) / len(keys)
+                totals = terms if totals is None else totals + terms
+            if world_size > 1:
+                dist.all_reduce(totals)
+                totals /= world_size
+            values = dict(zip(names, totals.tolist()))
+            record = {"step": step + 1, "lr": optimizer.param_groups[0]["lr"], "loss": sum(values.values()), **values,
+                      "seconds": round(earlier_seconds + time.perf_counter() - run_started, 3)}  # fmt: skip
+            if rank == 0:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if not all(math.isfinite(v) for v in values.values()):
+                optimizer.zero_grad(set_to_none=True)
+                terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                kept = (f"the last checkpoint, {checkpoint_path} (step {last_saved}), is kept" if last_saved
+                        else "no checkpoint was written yet")  # fmt: skip
+                raise NonFiniteLossError(f"step {step + 1}: the loss is not finite ({terms}); training stopped before "
+                                         f"updating the weights and {kept}. Try a lower --lr or --clip-grad-norm.")  # fmt: skip
+            if settings.clip_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(parameters, settings.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            records.append(record)
+            for name in ["loss", *names]:  # smoothed over about 20 steps for the progress bar
+                running[name] = record[name] if name not in running else 0.95 * running[name] + 0.05 * record[name]
+            bar.set_postfix({name.replace("loss_", ""): f"{value:.3f}" for name, value in running.items()}, refresh=False)
+            bar.update()
+            if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.iterations:
+                if rank == 0:
+                    save_checkpoint(checkpoint_path, model, config, step + 1, optimizer, scheduler, scaler, saved_settings)
+                last_saved = step + 1
+                if world_size > 1:
+                    dist.barrier()
+    bar.close()
+    seconds = time.perf_counter() - run_started
+    images = (settings.iterations - start_step) * settings.batch_size
+    return {"steps": settings.iterations, "resumed_from": start_step, "seconds": seconds,
+            "images_per_second": images / max(seconds, 1e-9), "final": records[-1] if records else None,
+            "checkpoint": str(checkpoint_path), "log": str(log_path)}  # fmt: skip
