@@ -354,3 +354,93 @@ finally:
 #   product) and count how many atomic adds that saves.
 # - Write the forward for the `[N, C, H, W]` layout (vectorize over bins instead of channels) and
 #   compare: how much does coalescing buy here?
+
+# %% [markdown]
+# ## The mask loss
+#
+# **Code:** `kernels/mask_loss.py`. **Proof:** `tests/kernels/test_mask_loss_kernel.py` (loss and
+# gradient against `mrcnn/mask_loss.py`'s reference: float32, float16, bfloat16, R = 0, 1, many,
+# K = 1, 2, 81, M = 14, 28, logits of +-1e4, constant targets, strided logits, bad input).
+# **Speed:** `benchmarks/mask_loss.py`.
+#
+# `kernels/mask_loss.py` fuses the mask loss of section 3 (chapter
+# [Mask representation](03_2_mask_representation.py) derives it) into two passes. Forward: one
+# kernel reads, for each of the $R M^2$ pixels, the logit of the RoI's own class $k_r$ (through
+# the logits' strides) and the target, and writes both a partial sum of
+# $\operatorname{softplus}(x) - t x$ and the gradient $(\sigma(x) - t) / (R M^2)$ into a compact
+# $[R, M, M]$ buffer; one more single-program kernel adds the partial sums in a fixed order
+# (no atomics: the same bits on every run). Backward: one kernel writes the whole
+# $[R, K, M, M]$ gradient, $g$ times the saved value on channel $k_r$ and zero elsewhere, into a
+# tensor from `torch.empty` (no zero fill). Blocks are 1024 (forward) and 2048 (backward)
+# elements for 4 warps on a GPU, and up to $2^{16}$ under the interpreter, where each program
+# costs milliseconds.
+#
+# What the kernel moves through memory at the paper's training size, counted from its code
+# (float32 logits and targets), next to the dense gradient of the plain PyTorch loss (gather +
+# `binary_cross_entropy_with_logits`), which fills a zero tensor and scatters into it; its
+# passes over the gathered pixels, several, depend on the PyTorch version and are left out:
+
+# %%
+import kernels.mask_loss as fused  # TRITON_INTERPRET was set at the top when there is no GPU
+
+R, K, M = 512, 81, 28
+pixels, dense = R * M * M, R * K * M * M
+megabytes = lambda elements: f"{4 * elements / 1e6:7.1f} MB"  # noqa: E731
+rows = [
+    ("kernel forward: read logits (channel k_r) + targets", 2 * pixels),
+    ("kernel forward: write compact gradient", pixels),
+    ("kernel backward: read compact gradient", pixels),
+    ("kernel backward: write dense gradient", dense),
+    ("plain PyTorch: zero fill + scatter into dense gradient", dense + pixels),
+]
+for what, elements in rows:
+    print(f"{what:<58}{megabytes(elements)}")
+print(f"{'held between forward and backward, kernel (compact grad)':<58}{megabytes(pixels)}")
+
+# %% [markdown]
+# The launchers and the autograd function, the parts chapter 3.2 does not show:
+
+# %%
+show_source(fused._forward, fused._backward, fused._MaskLoss, fused.mask_loss)
+
+# %% [markdown]
+# Deterministic: the same inputs give the same bits, loss and gradient, on every run.
+
+# %%
+logits = torch.randn(40, 3, 28, 28, device=device)
+labels = torch.randint(0, 3, (40,), device=logits.device)
+targets = torch.rand(40, 28, 28, device=logits.device)
+runs = []
+for _ in range(2):
+    x = logits.clone().requires_grad_()
+    loss = fused.mask_loss(x, labels, targets)
+    loss.backward()
+    runs.append((loss.detach(), x.grad))
+print("bit-identical:", torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]))
+
+# %% [markdown]
+# The recorded benchmarks (`python benchmarks/mask_loss.py`), forward + backward at R = 512,
+# K = 81 and 91, M = 28, plus the mask predictor's last 1x1 convolution computed in full or for
+# each RoI's own class only (`mrcnn.mask_loss.gathered_mask_logits`):
+
+# %%
+import json
+from pathlib import Path
+
+for path in sorted((Path(fused.__file__).resolve().parents[1] / "benchmarks" / "results").glob("mask_loss_*.json")):
+    result = json.loads(path.read_text())
+    print(f"{path.name}: {result['meta']['device']}, torch {result['meta']['torch']}, {result['meta']['command']}")
+    for row in result["rows"]:
+        extra = "" if row["peak_extra_mib"] is None else f", peak extra {row['peak_extra_mib']:.1f} MiB"
+        print(f"  {row['what']:<32} R={row['R']:<4} K={row['K']:<3} {row['dtype']:<9} median {row['median_ms']:9.3f} ms{extra}")
+
+# %% [markdown]
+# ### What to try next with the mask loss
+#
+# - Store the compact gradient in the logits' dtype instead of float32 and measure the backward
+#   on a GPU: is a bfloat16 gradient of the loss still equal to the reference's to tolerance?
+# - Fold `gathered_mask_logits` into the kernel: one program per RoI loads row $k_r$ of the
+#   predictor's weight and the RoI's 256 feature maps, and writes the loss and the gradients of
+#   features and weight; compare with the batched matrix product.
+# - Count the synchronizations of `kernels.mask_loss.mask_loss` with the operation recorder used
+#   for RoIAlign above: the input check's one, and nothing else?
