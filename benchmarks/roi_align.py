@@ -147,6 +147,46 @@ def bandwidth_floor_ms(features, rois, output_size: int, bandwidth: float) -> tu
     return forward / bandwidth * 1e3, backward / bandwidth * 1e3
 
 
+def alternatives(features, rois, output_size: int, repeats: int) -> dict:
+    """Time the two products of the sparse path against torch's sparse CSR matrix product.
+
+    On the RoIs of the finest level (P2), with its interpolation matrix `S` and the feature rows
+    laid out once: forward `S F` and backward `S^T G`, each as `embedding_bag` (what the
+    library runs; the backward one includes sorting the non-zeros by column) and as a CSR
+    product (`S^T` as the transpose of the CSR matrix, which torch multiplies as CSC).
+    """
+    import torch.nn.functional as F
+
+    from mrcnn.roi_align_cpu import interpolation_matrix, transposed_bags
+
+    level_rois = rois[fpn_level(rois[:, 1:], 2, 5) == 2]
+    feature = features[0]
+    num_images, channels, height, width = feature.shape
+    column, weight = interpolation_matrix(level_rois, (output_size, output_size), 1.0 / STRIDES[0], SAMPLING_RATIO, False, height, width)
+    rows = feature.permute(0, 2, 3, 1).reshape(-1, channels).contiguous()  # [N H W, C]
+    grad = torch.randn(column.shape[0], channels)
+    matrix = torch.sparse_csr_tensor(
+        torch.arange(0, column.numel() + 1, column.shape[1]), column.flatten(), weight.flatten(), (column.shape[0], rows.shape[0])
+    )
+
+    def bag_backward():
+        row, row_weight, offsets = transposed_bags(column, weight, rows.shape[0])
+        return F.embedding_bag(row, grad, offsets, mode="sum", per_sample_weights=row_weight)
+
+    steps = {
+        ("S F", "embedding_bag"): lambda: F.embedding_bag(column, rows, mode="sum", per_sample_weights=weight),
+        ("S F", "CSR"): lambda: matrix @ rows,
+        ("S^T G", "embedding_bag (with the sort)"): bag_backward,
+        ("S^T G", "CSR transposed"): lambda: matrix.t() @ grad,
+    }
+    assert torch.allclose(steps[("S F", "embedding_bag")](), steps[("S F", "CSR")](), atol=1e-4)
+    assert torch.allclose(steps[("S^T G", "embedding_bag (with the sort)")](), steps[("S^T G", "CSR transposed")](), atol=1e-4)
+    results = measure(steps, "cpu", repeats)
+    return {f"{product} | {method}": result for (product, method), result in results.items()} | {
+        "rois": level_rois.shape[0], "nonzeros": column.numel()
+    }
+
+
 def measure(steps: dict, device: str, repeats: int) -> dict:
     """Median and best wall time (ms) of each step, timed round robin; on CUDA also peak extra MiB."""
 
@@ -210,6 +250,7 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="time only these methods (names as in the table)")
     parser.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s for the CUDA floor (H200: 4.3e12 measured)")
+    parser.add_argument("--alternatives", action="store_true", help="also time the sparse path's products against torch's CSR product")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -249,6 +290,8 @@ def main(argv=None) -> int:
         agreement[config] = {name: float((out - baseline).abs().max()) for name, out in outputs.items()}
         del outputs
         table[config] = measure(steps, args.device, args.repeat)
+    if args.alternatives and args.device == "cpu":
+        alternative = alternatives(features, box_rois, 7, args.repeat)
     load_after = os.getloadavg()
 
     levels = {config: torch.bincount(fpn_level(rois[:, 1:].cpu(), 2, 5) - 2, minlength=4).tolist() for config, (rois, _) in configs.items()}
@@ -284,6 +327,8 @@ def main(argv=None) -> int:
             if config in floors and ("kernel", mode) in steps:
                 ratios[f"{config} {mode}: kernel / bandwidth floor"] = steps[("kernel", mode)]["median_ms"] / report["bandwidth_floor_ms"][config][mode]
     report["ratios"] = ratios
+    if args.alternatives and args.device == "cpu":
+        report["alternatives_box_7x7_P2"] = alternative
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     stem = args.output_dir / f"roi_align_{args.device}"
@@ -327,6 +372,11 @@ def markdown(report: dict, table: dict, found: dict) -> str:
         lines.append("| bandwidth floor | " + " | ".join(f"{floors[c]['fw']:.3f} | {floors[c]['fw+bw']:.3f}" for c in configs) + " |")
     lines += ["", "Ratios of medians (> 1: the second is faster):", ""]
     lines += [f"- {key}: {value:.2f}x" for key, value in report["ratios"].items()]
+    if "alternatives_box_7x7_P2" in report:
+        alternative = report["alternatives_box_7x7_P2"]
+        lines += ["", f"The two products alone, box 7x7 RoIs on P2 ({alternative['rois']} RoIs, {alternative['nonzeros']} non-zeros of S), "
+                  "median ms (best):", ""]
+        lines += [f"- {name}: {result['median_ms']:.1f} ({result['best_ms']:.1f})" for name, result in alternative.items() if isinstance(result, dict)]
     lines += ["", "Largest absolute difference of each method's forward output to the reference (float32):", ""]
     lines += [f"- {config}: " + ", ".join(f"{name} {value:.1e}" for name, value in diffs.items()) for config, diffs in report["max_abs_difference_to_reference"].items()]
     return "\n".join(lines) + "\n"

@@ -264,11 +264,11 @@ print("each row sums to 1 (all samples inside the map):", dense.sum(dim=1))
 # is `torch.nn.functional.embedding_bag` with per-sample weights: "bag" $m$ is row $m$ of $S$,
 # its indices the columns, its weights the values, and the kernel is vectorized over the $C$
 # channels and parallel over the bags. For the backward pass the non-zeros are sorted by
-# column, so that each pixel becomes one bag of the output rows that read it. `S` depends on
-# the RoIs alone, so the backward pass builds it again instead of keeping it.
+# column, so that each pixel becomes one bag of the output rows that read it. And the feature
+# rows are only those of the pixels that some RoI reads, gathered once (`touched_pixels`).
 
 # %%
-show_source(roi_align_cpu.axis_neighbours, roi_align_cpu.interpolation_matrix, roi_align_cpu.SparseRoIAlignFunction)
+show_source(roi_align_cpu.axis_neighbours, roi_align_cpu.interpolation_matrix, roi_align_cpu.touched_pixels, roi_align_cpu.SparseRoIAlignFunction)
 
 # %% [markdown]
 # Same numbers, to float rounding, and much less time than the reference (the tests check

@@ -27,11 +27,15 @@ How (1) and (2) are computed, chosen by measurement on a 2-core CPU (benchmarks/
 - The weights factor into a y part and an x part, so `S` is built per axis and expanded by an
   outer product. Per axis, neighbours that two samples share (samples less than a pixel
   apart) are merged: with adaptive sampling that cuts the non-zeros about 3x.
-- The feature rows are the channels-last layout of the map: features in
-  `torch.channels_last` memory format are used without a copy; contiguous ones are transposed
-  once per call, image by image, and the gradient (2) is transposed back to their layout.
+- The feature rows are the channels-last layout of the map. Features in `torch.channels_last`
+  memory format are read in place (and their gradient written in place, channels-last). For
+  contiguous `[N, C, H, W]` features only the pixels that some RoI reads are gathered into
+  rows (`touched_pixels`; a fifth to all of a level in a training batch) and the columns of `S`
+  renumbered to them; the gradient of those pixels is written into a zero gradient. That
+  measured faster than transposing the whole map, even when the RoIs read all of it.
 - `S` is built a few RoIs at a time (`MAX_ENTRIES`), so that adaptive sampling of huge RoIs
-  (mask targets pool whole-image masks) cannot build gigabytes of indices at once.
+  (mask targets pool whole-image masks, with no gradient) cannot build gigabytes of indices at
+  once. When a gradient is needed the forward pass keeps `S` for the backward pass.
 """
 
 from __future__ import annotations
@@ -122,7 +126,7 @@ def interpolation_chunks(
     """`interpolation_matrix` for the RoIs `rois[chosen]`, a few at a time.
 
     Yields `(chosen_part [R_c], column, weight)` with at most about `MAX_ENTRIES` entries each:
-    adaptive sampling of a large RoI (mask targets pool a whole image mask, `G` ~ 20) would
+    adaptive sampling of large RoIs (mask targets pool whole-image masks, `G` ~ 20) would
     otherwise build gigabytes of indices at once.
     """
     pooled_h, pooled_w = output_size
@@ -134,38 +138,29 @@ def interpolation_chunks(
         yield (part, *interpolation_matrix(rois[part], output_size, spatial_scale, sampling_ratio, aligned, height, width))
 
 
-def feature_rows(feature: Tensor) -> Tensor:
-    """`[N, C, H, W]` -> `[N H W, C]`, the channels-last rows `F` of equation (1).
+def touched_pixels(column: Tensor, num_pixels: int) -> tuple[Tensor, Tensor]:
+    """The pixels that the non-zeros of `S` read, and `S` renumbered to read only those.
 
-    No copy if `feature` is already in `torch.channels_last` memory format. Otherwise each image
-    is one 2-D transpose `[C, H W] -> [H W, C]`, which torch copies in cache-sized blocks (a
-    4-D permute copy measured slower).
+    column `[M, K]` (pixels in `[0, num_pixels)`) -> `(pixels [U], column [M, K])`: the `U`
+    distinct pixels in increasing order, and each entry's position among them.
     """
-    num_images, channels, height, width = feature.shape
-    if feature.is_contiguous(memory_format=torch.channels_last):
-        return feature.permute(0, 2, 3, 1).reshape(-1, channels)  # [N H W, C], a view
-    rows = feature.new_empty(num_images, height * width, channels)  # [N, H W, C]
-    for image in range(num_images):
-        rows[image].copy_(feature[image].reshape(channels, height * width).t())
-    return rows.view(-1, channels)  # [N H W, C]
+    read = torch.zeros(num_pixels, dtype=torch.bool, device=column.device)  # [N H W]
+    read[column.flatten()] = True
+    pixels = torch.nonzero(read).squeeze(1)  # [U], sorted
+    position = torch.cumsum(read, dim=0) - 1  # [N H W]: where each read pixel sits among the U
+    return pixels, position[column]  # [U], [M, K]
 
 
-def rows_to_feature(rows: Tensor, like: Tensor) -> Tensor:
-    """The inverse of `feature_rows`: `[N H W, C]` -> `[N, C, H, W]` in the memory format of `like`."""
-    num_images, channels, height, width = like.shape
-    if like.is_contiguous(memory_format=torch.channels_last):
-        return rows.view(num_images, height, width, channels).permute(0, 3, 1, 2)  # a view
-    feature = rows.new_empty(num_images, channels, height, width)
-    for image, image_rows in enumerate(rows.view(num_images, height * width, channels)):
-        feature[image].view(channels, height * width).copy_(image_rows.t())
-    return feature
+def pixel_coordinates(pixels: Tensor, height: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Pixel numbers `n H W + y W + x` `[U]` -> `(n, y, x)`, each `[U]` int64."""
+    return pixels // (height * width), pixels % (height * width) // width, pixels % width
 
 
 def transposed_bags(column: Tensor, weight: Tensor, num_columns: int) -> tuple[Tensor, Tensor, Tensor]:
     """The non-zeros of `S^T` in equation (2), grouped by column, as bags for `embedding_bag`.
 
-    column, weight `[M, K]` (from `interpolation_matrix`) -> `(row [M K], weight [M K],
-    offsets [num_columns])`: bag `j` (pixel `j`) lists the rows of `S` that read pixel `j`.
+    column, weight `[M, K]` (columns in `[0, num_columns)`) -> `(row [M K], weight [M K],
+    offsets [num_columns])`: bag `j` (column `j`) lists the rows of `S` that read column `j`.
     """
     entries_per_row = column.shape[1]
     column = column.flatten()  # [M K]
@@ -176,49 +171,70 @@ def transposed_bags(column: Tensor, weight: Tensor, num_columns: int) -> tuple[T
     return order // entries_per_row, weight.flatten()[order], offsets
 
 
+def is_channels_last(feature: Tensor) -> bool:
+    """True when the rows `F` of `feature` `[N, C, H, W]` are a view: `torch.channels_last` layout."""
+    return feature.is_contiguous(memory_format=torch.channels_last)
+
+
 class SparseRoIAlignFunction(torch.autograd.Function):
     """Equations (1) and (2) over several feature maps: RoI `r` is pooled from map `level[r]`.
 
-    `S` is cheap to build next to the products, so the backward pass builds it again instead of
-    keeping it from the forward pass.
+    The forward pass keeps the non-zeros of `S` for the backward pass (12 bytes per non-zero, a
+    few MB at training sizes) when a feature map needs a gradient.
     """
 
     @staticmethod
     def forward(ctx, rois: Tensor, level: Tensor, geometry: tuple, *features: Tensor) -> Tensor:
-        """rois `[R, 5]`, level `[R]` int64, geometry `(output_size, spatial_scales, sampling_ratio,
-        aligned)`, features one `[N, C, H_l, W_l]` per map -> pooled rows `[R, P_h P_w, C]`."""
+        """rois `[R, 5]`, level `[R]` int64 in `[0, L)`, geometry `(output_size, spatial_scales,
+        sampling_ratio, aligned)`, features: L maps `[N, C, H_l, W_l]` -> pooled rows `[R, P_h P_w, C]`."""
         (pooled_h, pooled_w), spatial_scales, sampling_ratio, aligned = geometry
-        channels = features[0].shape[1]
-        out = features[0].new_zeros(rois.shape[0], pooled_h * pooled_w, channels)  # [R, P_h P_w, C]
+        num_rois, bins, channels = rois.shape[0], pooled_h * pooled_w, features[0].shape[1]
+        out = features[0].new_empty(num_rois, bins, channels)  # [R, P_h P_w, C]; every RoI has one level
+        pieces = []  # per map, its chunks of S: (rois of the chunk, columns, weights, pixels read or None)
         for index, (feature, scale) in enumerate(zip(features, spatial_scales)):
+            num_images, _, height, width = feature.shape
             chosen = torch.nonzero(level == index).squeeze(1)  # [R_l]
-            if chosen.numel() == 0:
-                continue
-            rows = feature_rows(feature)  # [N H_l W_l, C]
-            args = ((pooled_h, pooled_w), scale, sampling_ratio, aligned, *feature.shape[2:])
-            for part, column, weight in interpolation_chunks(rois, chosen, *args):
+            pieces.append([])
+            for part, column, weight in interpolation_chunks(rois, chosen, (pooled_h, pooled_w), scale, sampling_ratio, aligned, height, width):
+                if is_channels_last(feature):
+                    pixels, rows = None, feature.permute(0, 2, 3, 1).reshape(-1, channels)  # [N H W, C], a view
+                else:  # gather the rows S reads, and renumber S's columns to them
+                    pixels, column = touched_pixels(column, num_images * height * width)
+                    n, y, x = pixel_coordinates(pixels, height, width)
+                    rows = feature[n, :, y, x]  # [U, C]
                 pooled = F.embedding_bag(column, rows, mode="sum", per_sample_weights=weight)  # (1): [R_c P_h P_w, C]
-                out.index_copy_(0, part, pooled.view(part.numel(), pooled_h * pooled_w, channels))
-        ctx.save_for_backward(rois, level)
-        ctx.geometry = geometry
+                if part.numel() == num_rois:  # all RoIs at once (one map, one chunk): no reordering
+                    out = pooled.view(num_rois, bins, channels)
+                else:
+                    out.index_copy_(0, part, pooled.view(part.numel(), bins, channels))
+                if ctx.needs_input_grad[3 + index]:
+                    pieces[-1].append((part, column, weight, pixels))
+        ctx.pieces = pieces
         ctx.features_like = [torch.empty_like(feature, device="meta") for feature in features]  # shape and layout
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        rois, level = ctx.saved_tensors
-        (pooled_h, pooled_w), spatial_scales, sampling_ratio, aligned = ctx.geometry
         grads = []
-        for index, (like, scale) in enumerate(zip(ctx.features_like, spatial_scales)):
+        for index, (like, pieces) in enumerate(zip(ctx.features_like, ctx.pieces)):
+            if not ctx.needs_input_grad[3 + index]:
+                grads.append(None)
+                continue
             num_images, channels, height, width = like.shape
-            chosen = torch.nonzero(level == index).squeeze(1)  # [R_l]
-            grad_rows = grad_out.new_zeros(num_images * height * width, channels) if chosen.numel() == 0 else None
-            for part, column, weight in interpolation_chunks(rois, chosen, (pooled_h, pooled_w), scale, sampling_ratio, aligned, height, width):
+            grad = None  # [N, C, H, W], laid out like the features
+            for part, column, weight, pixels in pieces:
                 grad_pooled = grad_out.index_select(0, part).reshape(-1, channels)  # [R_c P_h P_w, C]
-                row, row_weight, offsets = transposed_bags(column, weight, num_images * height * width)
-                grad_part = F.embedding_bag(row, grad_pooled, offsets, mode="sum", per_sample_weights=row_weight)  # (2)
-                grad_rows = grad_part if grad_rows is None else grad_rows.add_(grad_part)  # [N H_l W_l, C]
-            grads.append(rows_to_feature(grad_rows, like))  # [N, C, H_l, W_l], laid out like the features
+                num_rows = num_images * height * width if pixels is None else pixels.numel()
+                row, row_weight, offsets = transposed_bags(column, weight, num_rows)
+                grad_rows = F.embedding_bag(row, grad_pooled, offsets, mode="sum", per_sample_weights=row_weight)  # (2)
+                if pixels is None:  # channels-last: the gradient rows of all pixels are the gradient
+                    update = grad_rows.view(num_images, height, width, channels).permute(0, 3, 1, 2)  # [N, C, H, W]
+                    grad = update if grad is None else grad.add_(update)
+                else:  # the gradient rows of the pixels read, into a zero gradient
+                    first = grad is None
+                    grad = torch.empty_like(like, device=grad_out.device).zero_() if first else grad
+                    grad.permute(0, 2, 3, 1).index_put_(pixel_coordinates(pixels, height, width), grad_rows, accumulate=not first)
+            grads.append(torch.empty_like(like, device=grad_out.device).zero_() if grad is None else grad)
         return (None, None, None, *grads)
 
 
