@@ -1,0 +1,143 @@
+"""Import weights trained elsewhere: torchvision's Mask R-CNN and its ImageNet ResNets.
+
+Nothing is downloaded: a user passes the path of a file they have (for example
+`maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth` or `resnet50-0676ba61.pth`), or a state dict.
+
+torchvision's names and ours differ only in spelling, so the import is a key map:
+
+    backbone.body.layer1.0.conv1.weight     -> backbone.res2.0.conv1.weight
+    backbone.fpn.inner_blocks.0.0.weight    -> fpn.lateral_convs.0.weight
+    rpn.head.cls_logits.weight              -> rpn.head.objectness.weight
+    roi_heads.box_predictor.cls_score.bias  -> box_branch.predictor.class_logits.bias
+    roi_heads.mask_predictor.conv5_mask.*   -> mask_branch.predictor.deconv.*
+
+The import is strict: every tensor of the file is used and every tensor of the model is
+filled, with matching shapes, or a `ValueError` lists what does not fit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+from torch import Tensor
+
+from mrcnn.backbone import from_torchvision_resnet
+from mrcnn.config import MaskRCNNConfig, torchvision_maskrcnn_resnet50_fpn
+from mrcnn.fpn import from_torchvision_fpn
+from mrcnn.model import MaskRCNN
+
+StateDict = dict[str, Tensor]
+
+
+def load_state_dict_file(path: str | os.PathLike) -> StateDict:
+    """Read a state dict from a `.pth` file (tensors only, never arbitrary objects)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such checkpoint file")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from None
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
+        state_dict = state_dict["model"]  # a training checkpoint that wraps the weights
+    if not isinstance(state_dict, dict) or not all(isinstance(v, Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors")
+    return state_dict
+
+
+def _as_state_dict(path_or_state_dict: str | os.PathLike | StateDict) -> StateDict:
+    if isinstance(path_or_state_dict, dict):
+        return path_or_state_dict
+    return load_state_dict_file(path_or_state_dict)
+
+
+def _rpn_from_torchvision(state_dict: StateDict) -> StateDict:
+    renames = ((r"^conv\.(?:0\.0\.)?", "conv."), (r"^cls_logits\.", "objectness."), (r"^bbox_pred\.", "box_deltas."))
+    renamed = {}
+    for key, value in state_dict.items():
+        if key.startswith("rpn.head."):
+            key = key[len("rpn.head."):]
+            for pattern, replacement in renames:
+                key = re.sub(pattern, replacement, key)
+            renamed[key] = value
+    return renamed
+
+
+def torchvision_to_ours(state_dict: StateDict, model: MaskRCNN) -> tuple[StateDict, list[str]]:
+    """Rename a torchvision `maskrcnn_resnet50_fpn` state dict for `model`.
+
+    Returns our state dict and the torchvision keys that were not used.
+    """
+    ours: StateDict = {}
+    ours.update({f"backbone.{k}": v for k, v in from_torchvision_resnet(state_dict, prefix="backbone.body.").items()})
+    ours.update({f"fpn.{k}": v for k, v in from_torchvision_fpn(state_dict, prefix="backbone.fpn.").items()})
+    ours.update({f"rpn.head.{k}": v for k, v in _rpn_from_torchvision(state_dict).items()})
+    branches = [("box_branch", model.box_branch.torchvision_key_map())]
+    if model.mask_branch is not None:
+        legacy = "roi_heads.mask_head.mask_fcn1.weight" in state_dict  # checkpoints before torchvision 0.13
+        branches.append(("mask_branch", model.mask_branch.torchvision_key_map(legacy)))
+    for prefix, key_map in branches:
+        for our_key, their_key in key_map.items():
+            if their_key in state_dict:
+                ours[f"{prefix}.{our_key}"] = state_dict[their_key]
+    used = set()
+    used.update(k for k in state_dict if k.startswith(("backbone.body.", "backbone.fpn.", "rpn.head.")))
+    for _, key_map in branches:
+        used.update(key_map.values())
+    unused = [k for k in state_dict if k not in used and not k.endswith("num_batches_tracked")]
+    return ours, sorted(unused)
+
+
+def _load_strictly(module: torch.nn.Module, state_dict: StateDict, unused: list[str], source: str) -> None:
+    expected = module.state_dict()
+    missing = sorted(k for k in expected if k not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in expected)
+    wrong_shape = sorted(
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and state_dict[k].shape != expected[k].shape
+    )
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} model tensors missing from the file, e.g. {missing[:3]}")
+    if unexpected or unused:
+        problems.append(f"{len(unexpected) + len(unused)} tensors of the file unused, e.g. {(unexpected + unused)[:3]}")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} shapes differ, e.g. {wrong_shape[:3]}")
+    if problems:
+        raise ValueError(f"{source}: does not fit the model: " + "; ".join(problems))
+    module.load_state_dict(state_dict)
+
+
+def from_torchvision(path_or_state_dict: str | os.PathLike | StateDict, config: MaskRCNNConfig | None = None) -> MaskRCNN:
+    """A ready `MaskRCNN` (eval mode) with the weights of a torchvision `maskrcnn_resnet50_fpn` checkpoint.
+
+    The number of classes K is read from the file (`roi_heads.box_predictor.cls_score.weight`
+    is `[K, 1024]`); the config defaults to the `torchvision_maskrcnn_resnet50_fpn` preset with
+    that K. Given the same image, the model then gives torchvision's detections.
+    """
+    source = str(path_or_state_dict) if not isinstance(path_or_state_dict, dict) else "state dict"
+    state_dict = _as_state_dict(path_or_state_dict)
+    class_weight = state_dict.get("roi_heads.box_predictor.cls_score.weight")
+    if class_weight is None:
+        raise ValueError(f"{source}: not a torchvision Mask R-CNN state dict (no roi_heads.box_predictor.cls_score.weight)")
+    num_classes = int(class_weight.shape[0])
+    config = config.replace(num_classes=num_classes) if config is not None else torchvision_maskrcnn_resnet50_fpn(num_classes)
+    model = MaskRCNN(config)
+    ours, unused = torchvision_to_ours(state_dict, model)
+    _load_strictly(model, ours, unused, source)
+    return model.eval()
+
+
+def load_torchvision_resnet_backbone(model: MaskRCNN, path_or_state_dict: str | os.PathLike | StateDict) -> MaskRCNN:
+    """Fill `model.backbone` with an ImageNet ResNet-50/101 of torchvision (the classifier `fc` is dropped).
+
+    This is the paper's initialization (section 3.1: "ImageNet-pretrained"); the FPN and heads
+    keep their random initialization.
+    """
+    source = str(path_or_state_dict) if not isinstance(path_or_state_dict, dict) else "state dict"
+    state_dict = _as_state_dict(path_or_state_dict)
+    renamed = from_torchvision_resnet(state_dict)  # every key but fc.* gets a name of ours
+    _load_strictly(model.backbone, renamed, [], source)
+    return model
