@@ -255,7 +255,8 @@ def resnet_small(norm: Norm = nn.BatchNorm2d, frozen_stages: int = -1, **kwargs)
     strides 4..32. About 0.3 M parameters and 0.2 GFLOP (2 per multiply-add) forward for a
     256 x 256 image, against 23.5 M and 10.7 GFLOP for ResNet-50. A 256-channel FPN on it would
     cost 6.5 GFLOP, so pair it with `out_channels=64` (0.4 GFLOP); forward and backward of
-    both then took 0.07-0.13 s on 2 idle CPU cores (tests/test_backbone.py counts the FLOPs).
+    both then take about 0.055 s of one CPU core (torch 2.13, one thread; tests/test_backbone.py
+    counts the FLOPs).
     With no pretrained weights there is nothing to freeze and the norms must learn, so the
     defaults are `nn.BatchNorm2d` and `frozen_stages=-1`.
     """

@@ -174,8 +174,8 @@ def test_small_resnet_is_cheap_enough_to_train_on_a_cpu():
     """Backbone + 64-channel FPN on a 256 x 256 image: 0.2 + 0.4 GFLOP forward.
 
     ResNet-50 with a 256-channel FPN needs 10.7 + 7.4 GFLOP on the same image. Forward and
-    backward of the small pair took 0.07-0.13 s on 2 idle CPU cores, and several times that
-    on a loaded machine, which is why this test counts work instead of timing it.
+    backward of the small pair take about 0.055 s of one CPU core, but many times that on a
+    shared, loaded machine, which is why this test counts work instead of timing it.
     """
     backbone = resnet_small()
     fpn = FeaturePyramidNetwork(backbone.out_channels, out_channels=64)
