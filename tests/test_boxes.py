@@ -229,7 +229,8 @@ def test_nms_threshold_compared_in_double_like_torchvision():
     assert torch.equal(nms(boxes, scores, 0.3), torchvision.ops.nms(boxes, scores, 0.3))
 
 
-def test_nms_is_fast_on_4000_boxes():
+def test_nms_is_vectorized_on_4000_boxes():
+    """A guard against a Python loop over box pairs (minutes), not a speed goal: those live in benchmarks/."""
     generator = torch.Generator().manual_seed(5)
     boxes = random_boxes(4000, generator, size=800, whole_pixels=False)
     scores = torch.rand(4000, generator=generator)
@@ -237,4 +238,4 @@ def test_nms_is_fast_on_4000_boxes():
     keep = nms(boxes, scores, 0.7)
     elapsed = time.process_time() - start
     assert keep.numel() > 0
-    assert elapsed < 1.0, f"NMS on 4000 boxes took {elapsed:.2f} s of CPU time"
+    assert elapsed < 5.0, f"NMS on 4000 boxes took {elapsed:.2f} s of CPU time"
