@@ -127,7 +127,8 @@ show_source(Bottleneck)
 
 # %%
 paper_backbone = resnet50()  # random weights: this chapter downloads nothing
-meta_backbone = resnet50().to("meta")
+with torch.device("meta"):
+    meta_backbone = resnet50()
 for height, width in [(1024, 1024), (800, 1216)]:
     shapes = [tuple(c.shape[1:]) for c in meta_backbone(torch.empty(1, 3, height, width, device="meta"))]
     print(f"{height} x {width}:", ", ".join(f"C{i + 2} {c} x {h} x {w}" for i, (c, h, w) in enumerate(shapes)))

@@ -267,7 +267,9 @@ def res5_head(in_channels: int = 1024, width: int = 512, num_blocks: int = 3, no
     """The res5 stage run on each RoI: the head of the C4 model (paper Figure 4, left).
 
     RoI features `[R, 1024, 14, 14]` pooled from C4 -> `[R, 2048, 7, 7]`: bottleneck blocks, the
-    first with stride 2 (Detectron's Res5ROIHeads: `first_stride=2` on 14 x 14 RoIAlign output).
+    first with stride 2 (Detectron's Res5ROIHeads: `first_stride=2` on 14 x 14 RoIAlign output;
+    here the stride sits on the 3x3, as in torchvision's res5, where Detectron's MSRA weights
+    put it on the first 1x1).
     A box head then average-pools to `[R, 2048]`. Its weights are res5 of an ImageNet ResNet:
     load `{key[len("res5."):]: value}` for the `res5.*` keys from `from_torchvision_resnet`.
     """
