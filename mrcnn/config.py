@@ -62,7 +62,14 @@ class MaskRCNNConfig:
     mask_head_channels: tuple[int, ...] = (256, 256, 256, 256)  # four 3x3 convs
     mask_predictor_channels: int = 256  # the 2x2 deconvolution
 
+    # --- keypoint branch (section 5, "Mask R-CNN for Human Pose Estimation") -------------
+    num_keypoints: int = 0  # J; > 0 adds the keypoint branch of mrcnn/keypoint_head.py (17 for COCO persons)
+    keypoint_pool_size: int = 14
+    keypoint_head_channels: tuple[int, ...] = (512,) * 8  # "eight 3x3 512-d conv layers"
+
     def __post_init__(self) -> None:
+        if self.num_keypoints < 0:
+            raise ValueError(f"num_keypoints must be >= 0 (0: no keypoint branch), got {self.num_keypoints}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must count the background and at least one class, got {self.num_classes}")
         if self.backbone not in ("resnet50", "resnet101", "small"):
@@ -78,6 +85,13 @@ class MaskRCNNConfig:
 def torchvision_maskrcnn_resnet50_fpn(num_classes: int = 91) -> MaskRCNNConfig:
     """The exact configuration of torchvision's `maskrcnn_resnet50_fpn` (v1 weights load into it)."""
     return MaskRCNNConfig(num_classes=num_classes)
+
+
+def torchvision_keypointrcnn_resnet50_fpn(num_classes: int = 2, num_keypoints: int = 17) -> MaskRCNNConfig:
+    """torchvision's `keypointrcnn_resnet50_fpn`: person and background, 17 keypoints, no mask branch,
+    the shorter side drawn from 640..800 in training (section 5: "[640, 800] pixels")."""
+    return MaskRCNNConfig(num_classes=num_classes, min_size=(640, 672, 704, 736, 768, 800), mask=False,
+                          num_keypoints=num_keypoints)  # fmt: skip
 
 
 def detectron2_r50_fpn_1x(num_classes: int = 81) -> MaskRCNNConfig:
@@ -114,6 +128,7 @@ def shapes_small(num_classes: int = 5) -> MaskRCNNConfig:
 
 PRESETS = {
     "torchvision_maskrcnn_resnet50_fpn": torchvision_maskrcnn_resnet50_fpn,
+    "torchvision_keypointrcnn_resnet50_fpn": torchvision_keypointrcnn_resnet50_fpn,
     "detectron2_r50_fpn_1x": detectron2_r50_fpn_1x,
     "shapes_small": shapes_small,
 }

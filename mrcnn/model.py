@@ -3,6 +3,7 @@
     images -> transform -> backbone (C2..C5) -> FPN (P2..P6) -> RPN -> proposals
            -> box branch (RoIAlign 7x7, two fc, classes and boxes)
            -> mask branch (RoIAlign 14x14, four convs, deconv, K masks of 28x28)
+           -> keypoint branch, when config.num_keypoints > 0 (section 5: J one-hot masks of 56x56)
            -> paste the masks into the original images
 
 In training, `forward(images, targets)` returns the five losses of the multi-task objective
@@ -23,10 +24,11 @@ from mrcnn.box_head import BoxBranch, BoxHead, BoxPredictor
 from mrcnn.config import MaskRCNNConfig
 from mrcnn.fpn import FeaturePyramidNetwork
 from mrcnn.inference import paste_detection_masks
+from mrcnn.keypoint_head import KeypointBranch, KeypointHead, KeypointPredictor
 from mrcnn.mask_head import MaskBranch, MaskHead, MaskPredictor
 from mrcnn.roi_align import MultiLevelRoIAlign
 from mrcnn.rpn import RegionProposalNetwork, RPNHead
-from mrcnn.transform import ImageTransform, resize_boxes
+from mrcnn.transform import ImageTransform, resize_boxes, resize_keypoints
 
 
 def build_backbone(config: MaskRCNNConfig) -> ResNet:
@@ -87,13 +89,21 @@ class MaskRCNN(nn.Module):
                 MaskHead(config.fpn_channels, config.mask_head_channels),
                 MaskPredictor(config.mask_head_channels[-1], config.mask_predictor_channels, config.num_classes),
             )
+        self.keypoint_branch = None
+        if config.num_keypoints > 0:  # Keypoint R-CNN (section 5)
+            self.keypoint_branch = KeypointBranch(
+                MultiLevelRoIAlign(config.keypoint_pool_size, roi_strides, config.roi_sampling_ratio, config.roi_aligned),
+                KeypointHead(config.fpn_channels, config.keypoint_head_channels),
+                KeypointPredictor(config.keypoint_head_channels[-1], config.num_keypoints),
+            )
 
     def forward(
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Training: a dict of the five losses. Evaluation: per image, a dict of "boxes" `[D, 4]`,
-        "labels" `[D]` int64, "scores" `[D]` and (with the mask branch) "masks" `[D, 1, H, W]`
-        probabilities, in the coordinates of the original image `[3, H, W]`."""
+        "labels" `[D]` int64, "scores" `[D]`, (with the mask branch) "masks" `[D, 1, H, W]`
+        probabilities and (with the keypoint branch) "keypoints" `[D, J, 3]` and "keypoints_scores"
+        `[D, J]`, in the coordinates of the original image `[3, H, W]`."""
         if self.training and targets is None:
             raise ValueError("training mode needs targets: one dict of 'boxes', 'labels' and 'masks' per image")
         if targets is not None:
@@ -108,13 +118,19 @@ class MaskRCNN(nn.Module):
             losses = {**rpn_losses, **box_losses}
             if self.mask_branch is not None:
                 losses.update(self.mask_branch.loss(roi_features, training_rois, targets))
+            if self.keypoint_branch is not None:
+                losses.update(self.keypoint_branch.loss(roi_features, training_rois, targets))
             return losses
 
         detections, _ = self.box_branch(roi_features, proposals, image_sizes)
         if self.mask_branch is not None:
             detections = self.mask_branch.predict(roi_features, detections)  # masks [D, 1, 28, 28]
+        if self.keypoint_branch is not None:
+            detections = self.keypoint_branch.predict(roi_features, detections)  # keypoints [D, J, 3]
         for detection, size, original in zip(detections, image_sizes, original_sizes):
             detection["boxes"] = resize_boxes(detection["boxes"], size, original)
+            if "keypoints" in detection:
+                detection["keypoints"] = resize_keypoints(detection["keypoints"], size, original)
         if self.mask_branch is not None:
             detections = paste_detection_masks(detections, original_sizes)  # masks [D, 1, H, W]
         return detections
