@@ -7,6 +7,7 @@ trains for 160k iterations; nobody runs that in one go):
      "model": state dict, "optimizer": state dict, "scheduler": state dict,
      "scaler": GradScaler state dict or None, "step": optimizer steps taken,
      "config": the MaskRCNNConfig as a dict, "settings": the training settings as a dict,
+     "metadata": what a user of the weights needs, e.g. {"category_names": [...]},
      "rng": {"torch": CPU generator state, "cuda": one state per device, "numpy": ..., "python": ...}}
 
 Saving writes to a temporary file in the target's directory and then renames it over the
@@ -39,6 +40,10 @@ VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the reason."""
+
+
+class NotACheckpointError(CheckpointError):
+    """A readable PyTorch file that is not one of ours (a torchvision state dict, for example)."""
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
@@ -88,6 +93,7 @@ def save_checkpoint(
     scheduler=None,
     scaler=None,
     settings: dict | None = None,
+    metadata: dict | None = None,
 ) -> None:
     """Write a checkpoint of a run after `step` optimizer steps (module docstring), atomically."""
     atomic_save(
@@ -101,6 +107,7 @@ def save_checkpoint(
             "step": int(step),
             "config": dataclasses.asdict(config),
             "settings": dict(settings or {}),
+            "metadata": dict(metadata or {}),
             "rng": rng_states(),
         },
         path,
@@ -118,7 +125,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"checkpoint {path} is not a readable PyTorch file ({reason[:200]})") from error
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an mrcnn training checkpoint (no '{FORMAT}' marker); "
+        raise NotACheckpointError(f"{path} is not an mrcnn training checkpoint (no '{FORMAT}' marker); "
                               "a torchvision state dict loads with mrcnn.weights instead")  # fmt: skip
     if checkpoint.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {path} has version {checkpoint.get('version')}, this code reads {VERSION}")

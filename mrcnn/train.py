@@ -204,23 +204,26 @@ def distributed_setup(device: str | torch.device) -> tuple[int, int, torch.devic
     return (dist.get_rank() if world_size > 1 else 0), world_size, device
 
 
-def _read_log(path: Path, up_to_step: int) -> list[dict]:
-    """The log records of steps 1..up_to_step (a resumed run rewrites the later ones)."""
+def read_log(path: str | os.PathLike, up_to_step: int | None = None) -> list[dict]:
+    """The records of a training log (`log.jsonl`), those of steps 1..up_to_step if given."""
+    path = Path(path)
     if not path.exists():
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [record for record in records if record["step"] <= up_to_step]
+    return [record for record in records if up_to_step is None or record["step"] <= up_to_step]
 
 
 def train(model: nn.Module, dataset, settings: TrainSettings, output_dir: str | os.PathLike,
-          device: str | torch.device = "cpu", resume: bool = False, progress: bool = True) -> dict:  # fmt: skip
+          device: str | torch.device = "cpu", resume: bool = False, progress: bool = True,
+          metadata: dict | None = None) -> dict:  # fmt: skip
     """Train `model` (a `MaskRCNN`, its `config` is saved with it) on `dataset` with `settings`.
 
     Writes under `output_dir`: `checkpoint.pt` every `settings.checkpoint_every` steps and at the
     end (atomically), and `log.jsonl`, one JSON record per step: {"step" (1-based), "lr", "loss"
     and each loss term (means over the batch), "seconds" since the start}. resume: continue from
     `output_dir/checkpoint.pt` when it exists. Raises `NonFiniteLossError` when a step's loss is
-    not finite, before the weights change; the last checkpoint is kept. Returns a summary dict.
+    not finite, before the weights change; the last checkpoint is kept. metadata: saved in the
+    checkpoints for whoever uses the weights (e.g. {"category_names": [...]}). Returns a summary dict.
     """
     output_dir = Path(output_dir)
     rank, world_size, device = distributed_setup(device)
@@ -245,7 +248,7 @@ def train(model: nn.Module, dataset, settings: TrainSettings, output_dir: str | 
             scaler.load_state_dict(checkpoint["scaler"])
         set_rng_states(checkpoint["rng"])
         start_step = checkpoint["step"]
-    records = _read_log(log_path, start_step) if rank == 0 else []
+    records = read_log(log_path, start_step) if rank == 0 else []
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         log_path.write_text("".join(json.dumps(record) + "\n" for record in records))
@@ -314,7 +317,8 @@ def train(model: nn.Module, dataset, settings: TrainSettings, output_dir: str | 
             bar.update()
             if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.iterations:
                 if rank == 0:
-                    save_checkpoint(checkpoint_path, model, config, step + 1, optimizer, scheduler, scaler, saved_settings)
+                    save_checkpoint(checkpoint_path, model, config, step + 1, optimizer, scheduler, scaler, saved_settings,
+                                    metadata)  # fmt: skip
                 last_saved = step + 1
                 if world_size > 1:
                     dist.barrier()

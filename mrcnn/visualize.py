@@ -6,7 +6,9 @@ Each function returns a `matplotlib.figure.Figure` (no pyplot state): a notebook
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
@@ -90,4 +92,100 @@ def roi_align_figure(
             align_axes.plot([sample_x + 0.5, cx + 0.5], [sample_y + 0.5, cy + 0.5], color="tab:blue", linewidth=0.8)
             align_axes.scatter([cx + 0.5], [cy + 0.5], marker="x", color="tab:blue", s=30, zorder=3)
     align_axes.set_title(f"RoIAlign: exact bins, {sampling_ratio}x{sampling_ratio} bilinear samples\nper bin (x: the 4 pixels one sample reads), averaged")
+    return figure
+
+
+# --- detections, boxes and training curves -------------------------------------------------------
+
+INSTANCE_COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:cyan", "tab:pink", "tab:olive", "tab:brown")
+
+
+def image_to_array(image):
+    """A float `[3, H, W]` tensor in [0, 1] (or a uint8 `[H, W, 3]` array) as `[H, W, 3]` for imshow."""
+    if isinstance(image, torch.Tensor):
+        return image.detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy()  # [H, W, 3]
+    return image
+
+
+def draw_boxes(axes, boxes: torch.Tensor, colour="yellow", linewidth: float = 1.0, alpha: float = 1.0, labels=None) -> None:
+    """Outline boxes `[B, 4]` (x1, y1, x2, y2, image pixels) on `axes`, with optional text labels."""
+    for index, (x1, y1, x2, y2) in enumerate(boxes.detach().cpu().tolist()):
+        colours = colour[index] if isinstance(colour, (list, tuple)) else colour
+        axes.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colours, linewidth=linewidth, alpha=alpha))
+        if labels is not None:
+            axes.text(x1, y1 - 1, labels[index], color="white", fontsize=7, va="bottom",
+                      bbox={"facecolor": colours, "alpha": 0.8, "pad": 1, "linewidth": 0})  # fmt: skip
+
+
+def draw_detections(axes, image, detections: dict, class_names, score_threshold: float = 0.5, mask_threshold: float = 0.5) -> int:
+    """Draw an image with its detections: masks as translucent colour, boxes, "class score" labels.
+
+    image: float `[3, H, W]` in [0, 1] or uint8 `[H, W, 3]`; detections: the model's dict for this
+    image ("boxes" `[D, 4]`, "labels" `[D]`, "scores" `[D]`, optional "masks" `[D, 1, H, W]`
+    probabilities) or a target ("boxes", "labels", "masks" `[G, H, W]`, no scores: all drawn).
+    class_names: indexed by label. Returns the number of instances drawn.
+    """
+    picture = np.array(image_to_array(image), dtype=np.float32)  # [H, W, 3]
+    if picture.max() > 1:
+        picture /= 255
+    scores = detections.get("scores")
+    keep = torch.ones(len(detections["boxes"]), dtype=torch.bool) if scores is None else scores.detach().cpu() >= score_threshold
+    keep_index = torch.where(keep)[0].tolist()
+    colours = [INSTANCE_COLOURS[i % len(INSTANCE_COLOURS)] for i in range(len(keep_index))]
+    masks = detections.get("masks")
+    if masks is not None:
+        masks = masks.detach().cpu()
+        masks = masks[:, 0] if masks.dim() == 4 else masks  # [D, H, W]
+        for index, colour in zip(keep_index, colours):
+            region = (masks[index].float() >= mask_threshold).numpy()  # [H, W]
+            picture[region] = 0.55 * picture[region] + 0.45 * np.array(to_rgb(colour), dtype=np.float32)
+    axes.imshow(picture)
+    labels = detections["labels"].detach().cpu().tolist()
+    texts = [class_names[labels[i]] + ("" if scores is None else f" {float(scores[i]):.2f}") for i in keep_index]
+    draw_boxes(axes, detections["boxes"].detach().cpu()[keep_index].reshape(-1, 4), colours, 1.2, labels=texts)
+    axes.set_axis_off()
+    return len(keep_index)
+
+
+def detections_figure(images, detections, class_names, score_threshold: float = 0.5, titles=None,
+                      columns: int = 4, size: float = 3.0) -> Figure:  # fmt: skip
+    """A grid of images with their detections (see `draw_detections`), one panel per image."""
+    rows = max(1, -(-len(images) // columns))
+    figure = Figure(figsize=(size * min(columns, len(images)), size * rows), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(rows, min(columns, len(images)), squeeze=False).ravel())
+    for index, panel in enumerate(axes):
+        if index >= len(images):
+            panel.set_axis_off()
+            continue
+        count = draw_detections(panel, images[index], detections[index], class_names, score_threshold)
+        panel.set_title(titles[index] if titles else f"{count} detections >= {score_threshold}", fontsize=9)
+    return figure
+
+
+def loss_curve_figure(records: list[dict], smoothing: int = 20) -> Figure:
+    """The training losses (each term and their sum, smoothed by a running mean) and the learning rate.
+
+    records: the lines of a training log (mrcnn/train.py), dicts with "step", "lr", "loss" and
+    the "loss_*" terms. Raw values are drawn faintly, the running mean over `smoothing` steps on top.
+    """
+    steps = np.array([record["step"] for record in records])
+    names = ["loss"] + [name for name in records[0] if name.startswith("loss_")] if records else []
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    loss_axes, lr_axes = figure.subplots(1, 2, width_ratios=(3, 1))
+    for name, colour in zip(names, ("black", *INSTANCE_COLOURS)):
+        values = np.array([record[name] for record in records], dtype=np.float64)
+        window = max(1, min(smoothing, len(values)))
+        smooth = np.convolve(values, np.ones(window) / window, mode="valid")  # [S - window + 1]
+        loss_axes.plot(steps, values, color=colour, alpha=0.15, linewidth=0.6)
+        loss_axes.plot(steps[window - 1 :], smooth, color=colour, linewidth=1.6 if name == "loss" else 1.1,
+                       label="L (sum)" if name == "loss" else name.removeprefix("loss_"))  # fmt: skip
+    loss_axes.set_yscale("log")
+    loss_axes.set_xlabel("step")
+    loss_axes.set_ylabel("loss (mean over the batch)")
+    loss_axes.legend(fontsize=8, ncols=2)
+    loss_axes.grid(True, which="both", alpha=0.3)
+    lr_axes.plot(steps, [record["lr"] for record in records], color="tab:blue")
+    lr_axes.set_xlabel("step")
+    lr_axes.set_title("learning rate", fontsize=10)
+    lr_axes.grid(True, alpha=0.3)
     return figure
