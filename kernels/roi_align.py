@@ -28,7 +28,8 @@ four neighbours of each sample, with the same weights:
 
 for every RoI `r` of image `n` on level `l` and every bin and sample. Many RoIs and samples
 touch the same pixel, so the kernel adds with atomics into a float32 buffer, cast to the
-feature dtype at the end.
+feature dtype at the end. On a GPU the atomics land in the scheduler's order, so the last bits
+vary from run to run; kernels/roi_align_deterministic.py sums in a fixed order instead.
 
 What one program computes. Program `(r, t, u)` owns RoI `r`, bins `t*BLOCK_BINS ...` (bin
 `(p, q)` flattened to `p P_w + q`) and channels `u*BLOCK_C ...`. It reads the RoI, picks its
@@ -284,6 +285,7 @@ class _RoIAlignFunction(torch.autograd.Function):
         layout = _Layout(features)
         ctx.save_for_backward(rois)
         ctx.layout, ctx.settings, ctx.dtype = layout, settings, features[0].dtype
+        ctx.deterministic = torch.are_deterministic_algorithms_enabled() if settings["deterministic"] is None else settings["deterministic"]
         pooled = features[0].new_empty(rois.shape[0], layout.channels, *settings["output_size"])  # [R, C, P_h, P_w]
         _launch(layout.pack(features), rois, pooled, layout, settings, backward=False)
         return pooled
@@ -293,8 +295,12 @@ class _RoIAlignFunction(torch.autograd.Function):
     def backward(ctx, grad_pooled: Tensor):
         (rois,) = ctx.saved_tensors
         layout = ctx.layout
-        grad_packed = torch.zeros(layout.num_images, layout.positions, layout.channels, device=grad_pooled.device)
-        _launch(grad_packed, rois, grad_pooled, layout, ctx.settings, backward=True)  # [N, T, C] float32
+        if ctx.deterministic:  # a sort and a fixed-order sum instead of atomics
+            from kernels.roi_align_deterministic import deterministic_backward  # it builds on this module
+            grad_packed = deterministic_backward(rois, grad_pooled, layout, ctx.settings)  # [N, T, C] float32
+        else:
+            grad_packed = torch.zeros(layout.num_images, layout.positions, layout.channels, device=grad_pooled.device)
+            _launch(grad_packed, rois, grad_pooled, layout, ctx.settings, backward=True)  # [N, T, C] float32
         return (None, None, *layout.unpack(grad_packed.to(ctx.dtype)))
 
 
@@ -352,19 +358,19 @@ def roi_align(
     sampling_ratio: int = -1,
     aligned: bool = False,
     validate: bool = True,
+    deterministic: bool | None = None,
 ) -> Tensor:
     """RoIAlign of one feature map (paper section 3), as `mrcnn.roi_align.roi_align_reference`.
 
     features `[N, C, H, W]` (float32, float16 or bfloat16, any strides), rois `[R, 5]`
     `(batch_index, x1, y1, x2, y2)` of the same dtype and device -> `[R, C, P_h, P_w]`, dtype of
     `features`. Differentiable in `features`. `validate=False` skips the value checks of `rois`
-    and their host synchronization (see `_check_inputs`).
+    and their host synchronization (see `_check_inputs`). `deterministic=True` gives a backward
+    pass with the same bits on every run; None follows `torch.are_deterministic_algorithms_enabled()`.
     """
     pooled = _check_inputs([features], rois, output_size, [spatial_scale], sampling_ratio, validate)
-    settings = dict(
-        output_size=pooled, spatial_scales=(float(spatial_scale),), sampling_ratio=max(sampling_ratio, 0),
-        aligned=bool(aligned), level_mapping=(0, 0, 1.0, 0.0),  # unused with one level
-    )
+    settings = dict(output_size=pooled, spatial_scales=(float(spatial_scale),), sampling_ratio=max(sampling_ratio, 0),
+                    aligned=bool(aligned), level_mapping=(0, 0, 1.0, 0.0), deterministic=deterministic)  # fmt: skip
     return _RoIAlignFunction.apply(rois.contiguous(), settings, features)
 
 
@@ -380,6 +386,7 @@ def multi_level_roi_align(
     canonical_size: float = 224.0,
     eps: float = 1e-6,
     validate: bool = True,
+    deterministic: bool | None = None,
 ) -> Tensor:
     """Pool each RoI from the FPN level that suits its size, all levels in one launch.
 
@@ -389,12 +396,10 @@ def multi_level_roi_align(
     clamped, as torchvision's `MultiScaleRoIAlign`; a box of zero or negative area goes to the
     finest level. No host synchronization with `validate=False`; the default `validate=True`
     checks the values of `rois` first, which synchronizes once on CUDA (the model, whose rois
-    are valid by construction, should pass `validate=False`).
+    are valid by construction, should pass `validate=False`). `deterministic` as in `roi_align`.
     """
     pooled = _check_inputs(features, rois, output_size, spatial_scales, sampling_ratio, validate)
-    settings = dict(
-        output_size=pooled, spatial_scales=tuple(float(s) for s in spatial_scales),
-        sampling_ratio=max(sampling_ratio, 0), aligned=bool(aligned),
-        level_mapping=(int(min_level), int(canonical_level), float(canonical_size), float(eps)),
-    )
+    settings = dict(output_size=pooled, spatial_scales=tuple(float(s) for s in spatial_scales),
+                    sampling_ratio=max(sampling_ratio, 0), aligned=bool(aligned), deterministic=deterministic,
+                    level_mapping=(int(min_level), int(canonical_level), float(canonical_size), float(eps)))  # fmt: skip
     return _RoIAlignFunction.apply(rois.contiguous(), settings, *features)
