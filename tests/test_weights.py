@@ -158,4 +158,5 @@ def test_same_detections_as_torchvision(tmp_path):
         torch.testing.assert_close(ours["scores"], theirs["scores"], atol=1e-5, rtol=1e-4)
         # pasting sums the same weighted pixels in another order: a few pixels differ in the 4th decimal
         torch.testing.assert_close(ours["masks"], theirs["masks"], atol=5e-4, rtol=1e-3)
-        assert torch.equal(ours["masks"] >= 0.5, theirs["masks"] >= 0.5)
+        decided = (theirs["masks"] - 0.5).abs() > 1e-3  # untrained masks hover near 0.5
+        assert torch.equal((ours["masks"] >= 0.5)[decided], (theirs["masks"] >= 0.5)[decided])
