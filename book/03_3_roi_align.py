@@ -38,13 +38,6 @@
 # %matplotlib inline
 import os
 import time
-
-if "TRITON_INTERPRET" not in os.environ:  # Triton's interpreter when there is no GPU, set before kernels/ is imported
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -52,9 +45,12 @@ import torch
 import torch.nn.functional as F
 from IPython.display import Markdown, display
 
-import mrcnn.roi_align_cpu as roi_align_cpu
-from mrcnn.book import show_source
-from mrcnn.roi_align import (
+if not torch.cuda.is_available():  # Triton's interpreter when there is no GPU, set before kernels/ is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import mrcnn.roi_align_cpu as roi_align_cpu  # noqa: E402
+from mrcnn.book import show_source  # noqa: E402
+from mrcnn.roi_align import (  # noqa: E402
     MultiLevelRoIAlign,
     bilinear_neighbours,
     fpn_level,
@@ -64,7 +60,7 @@ from mrcnn.roi_align import (
     roi_pool_bins,
     sampling_grid,
 )
-from mrcnn.visualize import roi_align_figure
+from mrcnn.visualize import roi_align_figure  # noqa: E402
 
 _ = torch.manual_seed(0)
 

@@ -215,18 +215,20 @@ class SparseRoIAlignFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        bins, channels = grad_out.shape[1:]
+        grad_out = grad_out.contiguous().view(-1, channels)  # [R P_h P_w, C], the rows of dL/dout
         grads = []
         for index, (like, pieces) in enumerate(zip(ctx.features_like, ctx.pieces)):
             if not ctx.needs_input_grad[3 + index]:
                 grads.append(None)
                 continue
-            num_images, channels, height, width = like.shape
+            num_images, _, height, width = like.shape
             grad = None  # [N, C, H, W], laid out like the features
             for part, column, weight, pixels in pieces:
-                grad_pooled = grad_out.index_select(0, part).reshape(-1, channels)  # [R_c P_h P_w, C]
                 num_rows = num_images * height * width if pixels is None else pixels.numel()
                 row, row_weight, offsets = transposed_bags(column, weight, num_rows)
-                grad_rows = F.embedding_bag(row, grad_pooled, offsets, mode="sum", per_sample_weights=row_weight)  # (2)
+                row = part[row // bins] * bins + row % bins  # row (r, p, q) of the chunk's S is row (part[r], p, q) of dL/dout
+                grad_rows = F.embedding_bag(row, grad_out, offsets, mode="sum", per_sample_weights=row_weight)  # (2)
                 if pixels is None:  # channels-last: the gradient rows of all pixels are the gradient
                     update = grad_rows.view(num_images, height, width, channels).permute(0, 3, 1, 2)  # [N, C, H, W]
                     grad = update if grad is None else grad.add_(update)
