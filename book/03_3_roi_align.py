@@ -332,19 +332,25 @@ show_source(MultiLevelRoIAlign.forward)
 # %% [markdown]
 # ## The Triton kernel
 #
-# On a GPU, `roi_align` and `MultiLevelRoIAlign` call `kernels/roi_align.py`. All FPN levels are
-# first copied into one channels-last buffer $[N, T, C]$ ($T$ the pixels of all levels of an
-# image), so that the $C$ channels of a pixel are contiguous and a warp's loads coalesce. One
-# program owns one RoI, a block of its bins and a block of channels; it computes the RoI's level
-# itself (equation 1 again, so no sorting of RoIs by level and no host synchronization), then
-# loops over the samples of its bins, four loads each, accumulating in float32. The backward
-# program walks the same samples and adds each output gradient, times the same weights, into
-# the feature gradient with atomic adds, since many RoIs touch the same pixel.
+# On a GPU, `roi_align` and `MultiLevelRoIAlign` call `kernels/roi_align.py`. It computes the same
+# definition with a different layout in mind: all FPN levels are copied into one channels-last
+# buffer, so that the $C$ channels of a pixel are contiguous and a GPU's loads coalesce, and each
+# program handles one RoI, a block of its bins and a block of channels, computing the RoI's FPN
+# level itself (equation 1 again, so no sorting of RoIs by level and no host synchronization).
+# Its backward pass scatters each output gradient back along the same bilinear weights. The
+# kernel file describes itself in its module docstring:
 
 # %%
 import kernels.roi_align as roi_align_kernels  # noqa: E402  (after TRITON_INTERPRET is set)
 
-show_source(roi_align_kernels._roi_align_forward_kernel.fn, roi_align_kernels._roi_align_backward_kernel.fn)
+print(roi_align_kernels.__doc__)
+
+# %% [markdown]
+# and these are its `@triton.jit` functions, as they are in the file:
+
+# %%
+jitted = [value.fn for value in vars(roi_align_kernels).values() if getattr(getattr(value, "fn", None), "__module__", None) == roi_align_kernels.__name__]
+show_source(*jitted)
 
 # %% [markdown]
 # Run it (under Triton's interpreter when there is no GPU, so on a small case) against the
