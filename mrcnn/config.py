@@ -126,9 +126,17 @@ def shapes_small(num_classes: int = 5) -> MaskRCNNConfig:
     )
 
 
+def figures_small(num_classes: int = 2, num_keypoints: int = 11, mask: bool = True) -> MaskRCNNConfig:
+    """`shapes_small` as a Keypoint R-CNN for the stick figures of mrcnn/data/keypoints.py (section 5):
+    one class, 11 keypoints, the paper's eight-convolution keypoint head at 64 channels, and the
+    mask branch or not (the paper's Table 4 compares both)."""
+    return shapes_small(num_classes).replace(num_keypoints=num_keypoints, keypoint_head_channels=(64,) * 8, mask=mask)
+
+
 PRESETS = {
     "torchvision_maskrcnn_resnet50_fpn": torchvision_maskrcnn_resnet50_fpn,
     "torchvision_keypointrcnn_resnet50_fpn": torchvision_keypointrcnn_resnet50_fpn,
     "detectron2_r50_fpn_1x": detectron2_r50_fpn_1x,
     "shapes_small": shapes_small,
+    "figures_small": figures_small,
 }
