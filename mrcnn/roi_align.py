@@ -38,6 +38,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what kernels.roi_align computes in
+
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -293,12 +295,13 @@ def roi_align(
 
     Same arguments and result as `roi_align_reference` (up to float rounding), differentiable
     with respect to `features`. `use_kernel=None` (the default) runs the Triton kernel when
-    `features` are on CUDA and Triton imports, and the sparse-matrix path of
-    `mrcnn.roi_align_cpu` otherwise; `True` or `False` forces the choice.
+    `features` are on CUDA in a dtype it supports (float32, float16, bfloat16) and Triton
+    imports, and the sparse-matrix path of `mrcnn.roi_align_cpu` otherwise; `True` or `False`
+    forces the choice.
     """
     check_roi_inputs(features, rois)
     if use_kernel is None:
-        use_kernel = features.is_cuda and kernels_available()
+        use_kernel = features.is_cuda and features.dtype in KERNEL_DTYPES and kernels_available()
     if use_kernel:
         from kernels.roi_align import roi_align as roi_align_kernel
 
@@ -351,7 +354,7 @@ class MultiLevelRoIAlign(nn.Module):
                     f"all levels must have the same images and channels, got {tuple(feature.shape[:2])} and {tuple(features[0].shape[:2])}"
                 )
         if use_kernel is None:
-            use_kernel = features[0].is_cuda and kernels_available()
+            use_kernel = features[0].is_cuda and features[0].dtype in KERNEL_DTYPES and kernels_available()
         if use_kernel:
             from kernels.roi_align import multi_level_roi_align
 
