@@ -130,8 +130,12 @@ def interpolation_chunks(
     otherwise build gigabytes of indices at once.
     """
     pooled_h, pooled_w = output_size
-    y, x, *_ = sampling_grid(rois[chosen], output_size, spatial_scale, sampling_ratio, aligned)
-    entries_per_roi = pooled_h * pooled_w * 4 * y.shape[2] * x.shape[2]  # the most K can be, times bins
+    if sampling_ratio > 0:
+        grid_h = grid_w = sampling_ratio
+    else:  # adaptive: the largest grid of these RoIs
+        y, x, *_ = sampling_grid(rois[chosen], output_size, spatial_scale, sampling_ratio, aligned)
+        grid_h, grid_w = y.shape[2], x.shape[2]
+    entries_per_roi = pooled_h * pooled_w * 4 * grid_h * grid_w  # the most K can be, times bins
     step = max(1, MAX_ENTRIES // entries_per_roi)
     for start in range(0, chosen.numel(), step):
         part = chosen[start : start + step]  # [R_c]
