@@ -135,11 +135,12 @@ def class_names_for(model, metadata: dict, dataset=None) -> list[str]:
 
 
 def metrics_table(metrics: dict) -> str:
-    """COCO metrics {"segm": {...}, "bbox": {...}} as a small text table (values in %)."""
+    """COCO metrics {"segm": {...}, "bbox": {...}} as a small text table (values in %, "-": no such objects)."""
     lines = ["       " + "".join(f"{c:>7}" for c in METRIC_COLUMNS)]
     for iou_type, name in (("segm", "mask"), ("bbox", "box")):
         if iou_type in metrics:
-            lines.append(f"{name:<7}" + "".join(f"{100 * metrics[iou_type][c]:7.1f}" for c in METRIC_COLUMNS))
+            values = (metrics[iou_type][c] for c in METRIC_COLUMNS)
+            lines.append(f"{name:<7}" + "".join(f"{100 * v:7.1f}" if v >= 0 else f"{'-':>7}" for v in values))
     return "\n".join(lines)
 
 
@@ -331,6 +332,8 @@ def add_demo_command(subcommands) -> None:
                                     description=run_demo.__doc__)  # fmt: skip
     parser.add_argument("--num-train", type=int, default=DEMO_DEFAULTS["num_train"], help="training images")
     parser.add_argument("--num-val", type=int, default=DEMO_DEFAULTS["num_val"], help="held-out images to score")
+    parser.add_argument("--processes", type=int, default=DEMO_DEFAULTS["processes"],
+                        help="training processes on the CPU, with DistributedDataParallel (the same weights as one)")  # fmt: skip
     add_common_options(parser, "initial weights (default: random)", output="runs/demo")
     add_training_options(parser, iterations=DEMO_DEFAULTS["iterations"], batch_size=DEMO_DEFAULTS["batch_size"])
     parser.set_defaults(run=run_demo, config="shapes_small", lr=DEMO_DEFAULTS["lr"], warmup=DEMO_DEFAULTS["warmup"],

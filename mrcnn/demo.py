@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import socket
 import time
 
 from mrcnn.cli import UsageError, choose_device, metrics_table, open_dataset, output_directory, run_training
@@ -32,8 +34,59 @@ DEMO_DEFAULTS = {
     "warmup": 100,
     "clip_grad_norm": 10.0,  # from scratch, an early spike of the box losses can otherwise diverge
     "threads": None,
+    "processes": 1,
 }
 SHOWN_IMAGES = 6  # held-out images drawn in predictions.png
+
+
+def _training_process(rank: int, world_size: int, port: int, args: argparse.Namespace, root, output_dir) -> None:
+    """One of `world_size` training processes (what torchrun would start), on the CPU with gloo."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    import torch.distributed as dist
+
+    try:
+        run_training(args, open_dataset(root, "train", train=True), output_dir)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train_in_processes(args: argparse.Namespace, root, output_dir) -> tuple:
+    """Train with `args.processes` CPU processes under DistributedDataParallel; the same weights as one.
+
+    The batch is split between the processes (mrcnn/train.py makes the result independent of
+    the split), each with `--threads` threads (default: the cores shared out). Returns the model
+    read back from the final checkpoint, and the summary of the run.
+    """
+    import torch
+    import torch.multiprocessing as mp
+
+    from mrcnn.checkpoint import config_from_checkpoint, load_checkpoint, load_model_state
+    from mrcnn.model import MaskRCNN
+    from mrcnn.train import read_log
+
+    if args.batch_size % args.processes:
+        raise UsageError(f"--batch-size {args.batch_size} must be a multiple of --processes {args.processes}")
+    if args.threads is None:
+        args.threads = max(1, (os.cpu_count() or 1) // args.processes)
+    with socket.socket() as probe:  # a free port for the processes to meet on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.perf_counter()
+    try:
+        mp.spawn(_training_process, args=(args.processes, port, args, root, output_dir), nprocs=args.processes, join=True)
+    except mp.ProcessExitedException as error:  # a process stopped itself (a non-finite loss was printed)
+        raise SystemExit(error.exit_code or 1) from None
+    seconds = time.perf_counter() - started
+    checkpoint = load_checkpoint(output_dir / "checkpoint.pt")
+    model = MaskRCNN(config_from_checkpoint(checkpoint))
+    load_model_state(model, checkpoint)
+    records = read_log(output_dir / "log.jsonl")
+    summary = {"steps": checkpoint["step"], "seconds": seconds, "final": records[-1] if records else None,
+               "images_per_second": checkpoint["step"] * args.batch_size / seconds,  # process start-up included
+               "checkpoint": str(output_dir / "checkpoint.pt")}  # fmt: skip
+    return model.to(choose_device(args.device)), summary
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -59,7 +112,10 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"data: {paths.root} ({args.num_train} training, {args.num_val} held-out images)", flush=True)
 
     mark = time.perf_counter()
-    model, summary = run_training(args, open_dataset(paths.root, "train", train=True), directory / "train")
+    if args.processes == 1:
+        model, summary = run_training(args, open_dataset(paths.root, "train", train=True), directory / "train")
+    else:
+        model, summary = train_in_processes(args, paths.root, directory / "train")
     seconds["train"] = time.perf_counter() - mark
 
     mark = time.perf_counter()

@@ -189,3 +189,63 @@ def loss_curve_figure(records: list[dict], smoothing: int = 20) -> Figure:
     lr_axes.set_title("learning rate", fontsize=10)
     lr_axes.grid(True, alpha=0.3)
     return figure
+
+
+def training_samples_figure(model, image: torch.Tensor, target: dict, seed: int = 0, shown_negatives: int = 25) -> Figure:
+    """What one training step samples on one image (paper section 3.1), in three panels.
+
+    1. The RPN's anchors: those sampled as positive (IoU >= 0.7 with an object, or an object's
+       best anchor) and some sampled as negative (IoU < 0.3).
+    2. The 25 best proposals after NMS (the RPN's output, which the heads train on).
+    3. The RoIs the box branch samples from the proposals and the ground truth: positive at
+       IoU >= 0.5 (at most a quarter of the sample), negative below.
+
+    model: a `MaskRCNN` (its current weights; a fresh one proposes almost at random); image
+    float `[3, H, W]`; target with "boxes" `[G, 4]` and "labels" `[G]`. Ground truth is white.
+    """
+    from mrcnn.box_head import select_training_rois
+    from mrcnn.transform import resize_boxes
+
+    was_training = model.training
+    model.train()
+    torch.manual_seed(seed)
+    try:
+        with torch.no_grad():
+            batch, sizes, targets = model.transform([image], [target])  # [1, 3, H', W']
+            features = model.fpn(model.backbone(batch))
+            anchors_per_level, objectness, _, proposals = model.rpn.predict(features, tuple(batch.shape[-2:]))
+            anchors = torch.cat(anchors_per_level)  # [T, 4]
+            anchor_labels, _ = model.rpn.assign_targets(anchors, targets)
+            positive, negative = (mask[0] for mask in model.rpn.sampler(anchor_labels))  # [T] each
+            boxes = model.rpn.select_proposals(proposals, objectness, sizes, [a.shape[0] for a in anchors_per_level])
+            branch = model.box_branch
+            rois = select_training_rois(boxes, targets, branch.matcher, branch.sampler, branch.box_coder)
+    finally:
+        model.train(was_training)
+    original = tuple(image.shape[-2:])
+    back = lambda b: resize_boxes(b, sizes[0], original)  # noqa: E731  (resized image -> original pixels)
+    generator = torch.Generator().manual_seed(seed)
+
+    def some(indices: torch.Tensor) -> torch.Tensor:
+        return indices[torch.randperm(len(indices), generator=generator)[:shown_negatives]]
+
+    figure = Figure(figsize=(12, 4.4), layout="constrained")
+    panels = figure.subplots(1, 3)
+    roi_positive = torch.where(rois.labels[0] > 0)[0]
+    roi_negative = torch.where(rois.labels[0] == 0)[0]
+    content = [
+        (f"RPN anchors: {int(positive.sum())} positive (green), {int(negative.sum())} negative\n(red, {shown_negatives} shown)",
+         [(anchors[positive], "lime", 1.2), (anchors[some(torch.where(negative)[0])], "red", 0.6)]),
+        (f"the {min(25, len(boxes[0]))} best of {len(boxes[0])} proposals after NMS",
+         [(boxes[0][:25], "yellow", 0.8)]),
+        (f"sampled RoIs: {len(roi_positive)} positive (IoU >= 0.5), {len(roi_negative)}\nnegative ({shown_negatives} shown)",
+         [(rois.boxes[0][roi_positive], "lime", 0.8), (rois.boxes[0][some(roi_negative)], "red", 0.6)]),
+    ]  # fmt: skip
+    for axes, (title, layers) in zip(panels, content):
+        axes.imshow(image_to_array(image))
+        for boxes_to_draw, colour, width in layers:
+            draw_boxes(axes, back(boxes_to_draw), colour, width)
+        draw_boxes(axes, target["boxes"], "white", 1.6)
+        axes.set_title(title, fontsize=9)
+        axes.set_axis_off()
+    return figure

@@ -1,0 +1,242 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Training
+#
+# **Paper:** section 3 ("Mask R-CNN": the multi-task loss) and section 3.1, "Implementation
+# Details", paragraph "Training".
+# **Code:** `mrcnn/train.py` (the loop, the schedule, reproducible data order), the loss terms
+# in `mrcnn/rpn.py`, `mrcnn/box_head.py` and `mrcnn/mask_loss.py`, `mrcnn/checkpoint.py`.
+# **Proof:** `tests/test_train.py` (the schedule, the data order, a few steps lower the loss, a
+# resumed run equals an uninterrupted one, a non-finite loss stops the run),
+# `tests/test_ddp.py` (two processes give the weights of one), `tests/test_checkpoint.py`.
+#
+# Mask R-CNN is trained end to end with one objective. "Formally, during training, we define
+# a multi-task loss on each sampled RoI as $L = L_{cls} + L_{box} + L_{mask}$." The region
+# proposal network trains at the same time, on the same features, with its own two terms. This
+# chapter takes the model apart at training time: what the five losses are, which anchors and
+# RoIs they see, how the batch and the learning rate are organized, and it trains a small model
+# for a few seconds.
+#
+# Legend: $N$ images, $A$ anchors, $R$ RoIs, $K$ classes (background included), $M$ mask size.
+
+# %%
+# %matplotlib inline
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+
+from mrcnn.book import show_source
+from mrcnn.config import shapes_small
+from mrcnn.data.shapes import ShapesDataset
+from mrcnn.model import MaskRCNN
+from mrcnn.train import (
+    GlobalBatchSampler,
+    TrainingImages,
+    TrainSettings,
+    learning_rate_factor,
+    paper_schedule,
+    read_log,
+    sampling_seed,
+    train,
+)
+from mrcnn.visualize import loss_curve_figure, training_samples_figure
+
+torch.set_num_threads(1)  # small tensors: a second thread barely helps, and on a shared machine it waits
+_ = torch.manual_seed(0)
+
+# %% [markdown]
+# ## The five losses
+#
+# In training mode the model takes images and their targets (boxes, labels, masks) and
+# returns its losses. The small preset (`shapes_small`: a narrow ResNet, 64-channel FPN, images
+# of 128 pixels) on one picture of the synthetic shapes data set:
+
+# %%
+model = MaskRCNN(shapes_small())
+data = ShapesDataset(64, seed=0)
+image, target = data[1]
+model.train()
+losses = model([image], [target])
+for name, value in losses.items():
+    print(f"{name:18s} {value.item():.3f}")
+print(f"{'L (the sum)':18s} {sum(losses.values()).item():.3f}")
+
+# %% [markdown]
+# Each term averages over a sample, never over everything:
+#
+# - **RPN** (Faster R-CNN's, trained jointly): over $|S| = 256$ sampled anchors per image (128
+#   in the small preset), half of them positive at most,
+#   $L_{objectness} = \frac{1}{|S|}\sum_{a \in S} \mathrm{BCE}(o_a, y_a)$ and
+#   $L_{rpn\_box} = \frac{1}{|S|}\sum_{a \in S^+} \mathrm{smooth}_{L_1}(t_a - t^*_a)$.
+# - **Box branch** (Fast R-CNN's): over the sampled RoIs, "a RoI is considered positive if it has
+#   IoU with a ground-truth box of at least 0.5 and negative otherwise", with "a ratio of 1:3 of
+#   positive to negatives" and $N = 512$ RoIs per image for FPN:
+#   $L_{cls} = -\frac{1}{R}\sum_r \log p_r[u_r]$ and
+#   $L_{box} = \frac{1}{R}\sum_{r: u_r \ge 1} \mathrm{smooth}_{L_1}(t^{u_r}_r - v_r)$.
+#   With random weights every class is equally likely, so $L_{cls}$ starts near
+#   $\log K = \log 5 \approx 1.61$.
+# - **Mask branch**: "$L_{mask}$ is defined only on positive RoIs", the average binary
+#   cross-entropy of the $M \times M$ mask of the RoI's own class (chapter "Mask representation").
+#
+# ## Which anchors and RoIs are trained
+#
+# The samplers decide what each loss sees. Left, the anchors the RPN loss scores; middle, the
+# best proposals (with random weights, they are almost arbitrary boxes); right, the RoIs the
+# heads train on, drawn from the proposals *and the ground-truth boxes*, which is why a fresh
+# model already has positive RoIs to learn masks from.
+
+# %%
+training_samples_figure(model, image, target)
+
+# %% [markdown]
+# ## A batch, one image at a time
+#
+# The paper trains "on 8 GPUs (so effective minibatch size is 16)", two images per GPU. Each
+# GPU's losses average over its own RoIs and positives, and the gradients are then averaged over
+# the GPUs. How a batch is split therefore changes the result a little (the mask loss, for one,
+# averages over the positives of whatever images share a GPU).
+#
+# `mrcnn/train.py` makes the split irrelevant: the loss of a step is the mean over the $B$
+# images of each image's own losses,
+#
+# $$L_{step} = \frac{1}{B} \sum_{n=1}^{B} \big(L_{objectness} + L_{rpn\_box} + L_{cls} + L_{box} + L_{mask}\big)(\text{image } n),$$
+#
+# computed one image at a time, with the gradients of the $B$ images added up before the
+# optimizer steps. A batch of two in one process, and two processes of one image each
+# (DistributedDataParallel, which averages the processes' gradients) then give the same weights;
+# `tests/test_ddp.py` checks it. Everything random is a function of the position in the run:
+# the data order of an epoch, the flip of an image, and the seed of the RPN's and box head's
+# samplers before each image.
+
+# %%
+for rank in (0, 1):
+    shard = list(GlobalBatchSampler(num_images=10, batch_size=4, seed=0, iterations=3, rank=rank, world_size=2))
+    print(f"rank {rank}: " + "  ".join(str([index for (_, _, _, index) in step]) for step in shard))
+print("one process:", "  ".join(str([key[3] for key in step]) for step in GlobalBatchSampler(10, 4, seed=0, iterations=3)))
+print("sampler seed of image 1 of step 2:", sampling_seed(seed=0, step=2, position=1))
+
+# %%
+show_source(GlobalBatchSampler.__iter__, TrainingImages.__getitem__, sampling_seed)
+
+# %% [markdown]
+# ## The schedule
+#
+# "We train on 8 GPUs (so effective minibatch size is 16) for 160k iterations, with a learning
+# rate of 0.02 which is decreased by 10 at the 120k iteration. We use a weight decay of 0.0001
+# and momentum of 0.9." To train with another batch size $B$, `paper_schedule` follows the
+# linear scaling rule of Goyal et al. (2017): the learning rate is $0.02\,B/16$ and the number
+# of iterations $160\text{k} \times 16 / B$, so the model sees the same number of images; a
+# `schedule` factor shortens or lengthens the whole. The rate starts with a linear warm-up
+# from $f\,lr_0$ ($f = 0.001$) over $W$ steps:
+#
+# $$lr(t) = lr_0 \cdot 0.1^{\#\{m \in \text{decay steps}: t \ge m\}} \cdot
+#   \begin{cases} f + (1 - f)\,t / W & t < W \\ 1 & \text{otherwise.} \end{cases}$$
+
+# %%
+figure, axes = plt.subplots(1, 2, figsize=(11, 3.2), layout="constrained")
+for batch_size in (16, 8):
+    settings = paper_schedule(batch_size)
+    steps = range(0, settings.iterations, 500)
+    axes[0].plot(steps, [settings.lr * learning_rate_factor(t, settings) for t in steps], label=f"B = {batch_size}")
+axes[0].set(xlabel="iteration", ylabel="learning rate", title="the paper's schedule, and scaled to B = 8")
+axes[0].legend()
+settings = paper_schedule(16)
+axes[1].plot(range(1500), [settings.lr * learning_rate_factor(t, settings) for t in range(1500)])
+axes[1].set(xlabel="iteration", title=f"the first 1500 iterations: warm-up over W = {settings.warmup_iterations}")
+plt.show()
+show_source(learning_rate_factor)
+
+# %% [markdown]
+# ## A short training run
+#
+# To see the losses fall in seconds, the small preset on even smaller pictures (64 pixels, at
+# most two shapes), 32 images, a batch of 2 and a rate of 0.01 after 5 warm-up steps. The whole
+# method runs: sampling, the five losses, SGD with momentum and weight decay, a checkpoint at
+# the end and a log of every step.
+
+# %%
+tiny = shapes_small().replace(min_size=64, max_size=64, rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100,
+                              box_batch_size_per_image=32)
+small_pictures = {"image_size": 64, "object_size": (16, 40), "max_objects": 2}
+run_dir = Path(tempfile.mkdtemp(prefix="training_chapter_"))
+torch.manual_seed(0)
+small_model = MaskRCNN(tiny)
+settings = TrainSettings(iterations=60, batch_size=2, lr=0.01, decay_steps=(50,), warmup_iterations=5, checkpoint_every=30)
+started = time.perf_counter()
+summary = train(small_model, ShapesDataset(32, **small_pictures), settings, run_dir / "run", progress=False)
+print(f"{summary['steps']} steps in {time.perf_counter() - started:.1f} s ({summary['images_per_second']:.1f} images/s)")
+loss_curve_figure(read_log(run_dir / "run" / "log.jsonl"), smoothing=8)
+
+# %% [markdown]
+# The RPN's objectness loss falls first (telling shapes from background is the easy part), the
+# classification and mask losses follow more slowly; a model that detects well needs thousands
+# of steps (the demo trains for minutes). Even so, the proposals have begun to gather around
+# the objects:
+
+# %%
+small_image, small_target = ShapesDataset(32, **small_pictures)[3]
+training_samples_figure(small_model, small_image, small_target)
+
+# %% [markdown]
+# ## Resuming gives the same run
+#
+# A checkpoint holds the weights, the optimizer's momentum, the scheduler, the step and the
+# random generators' states, and is written atomically (a temporary file, then a rename), so a
+# crash while writing leaves the previous one intact. Because the data order, the flips and the
+# sampling depend only on the seed and the position in the run, a run stopped after its
+# checkpoint and resumed logs the same losses as one that never stopped:
+
+# %%
+short = TrainSettings(iterations=6, batch_size=2, lr=0.01, warmup_iterations=2, checkpoint_every=3)
+pictures = ShapesDataset(8, **small_pictures)
+torch.manual_seed(0)
+train(MaskRCNN(tiny), pictures, short, run_dir / "whole", progress=False)
+torch.manual_seed(0)  # the same run, stopped after its checkpoint of step 3 ...
+train(MaskRCNN(tiny), pictures, TrainSettings(**{**short.__dict__, "iterations": 3}), run_dir / "resumed", progress=False)
+torch.manual_seed(1)  # ... and continued by a new process, from other random weights that the checkpoint replaces
+train(MaskRCNN(tiny), pictures, short, run_dir / "resumed", resume=True, progress=False)
+for whole, resumed in zip(read_log(run_dir / "whole" / "log.jsonl"), read_log(run_dir / "resumed" / "log.jsonl")):
+    print(f"step {whole['step']}: uninterrupted {whole['loss']:.6f}   resumed {resumed['loss']:.6f}   "
+          f"{'same' if whole['loss'] == resumed['loss'] else 'DIFFERENT'}")
+
+# %% [markdown]
+# (The stopped run had a schedule of 3 steps, with the same warm-up as the 6-step run and no
+# decay within either, so its learning rates are those of the first 3 steps of the long run.)
+#
+# ## The loop
+#
+# The library's training function, as it runs: the per-image losses, DistributedDataParallel
+# when launched by `torchrun`, the check for a non-finite loss before the weights change,
+# gradient clipping and mixed precision on a GPU, the log and the checkpoints.
+
+# %%
+show_source(train)
+
+# %% [markdown]
+# ## What to try next
+#
+# - `mrcnn train --data data/shapes --iterations 2000` after `mrcnn shapes`, then
+#   `mrcnn evaluate`: the demo (`make demo`) does exactly this, and chapter 4.1 reads the numbers.
+# - Raise the learning rate of the short run to 0.05 and watch the box losses explode within a
+#   few steps; then add `clip_grad_norm=10.0` to `TrainSettings`.
+# - Train the short run with a batch of 1 and twice the iterations: same number of images, other
+#   weights. Which trains faster per image?
+# - Launch two processes: `torchrun --nproc_per_node 2 -m mrcnn train --data data/shapes
+#   --threads 1 ...`; the log and the checkpoint match a one-process run with the same batch.
+# - Replace `nn.BatchNorm2d` of the small backbone by a GroupNorm (`resnet_small(norm=...)` in
+#   `mrcnn/backbone.py`): the statistics then no longer depend on the image alone at training
+#   time and on running averages at test time.
