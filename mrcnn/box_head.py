@@ -182,6 +182,39 @@ def fast_rcnn_loss(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, reg
     return loss_classifier, loss_box_reg
 
 
+def refine_boxes(
+    class_logits: Tensor, box_deltas: Tensor, proposals: list[Tensor], image_sizes: list[tuple[int, int]], box_coder: BoxCoder
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Every RoI refined once per class, and scored: the box branch's predictions before any selection.
+
+    class_logits `[R, K]` and box_deltas `[R, 4K]` for the RoIs of all images, proposals `[R_i, 4]`
+    per image, image_sizes `(h, w)` per image. Returns, per image, boxes `[R_i, K, 4]` (decoded
+    from each class's deltas and clipped to the image) and class probabilities `[R_i, K]`.
+    """
+    boxes_per_image = [p.shape[0] for p in proposals]
+    predicted_boxes = box_coder.decode(box_deltas, torch.cat(proposals))  # [R, K, 4]: one box per class
+    predicted_scores = F.softmax(class_logits, dim=-1)  # [R, K]
+    boxes = [clip_boxes(b, size) for b, size in zip(predicted_boxes.split(boxes_per_image), image_sizes)]  # [R_i, K, 4]
+    return boxes, list(predicted_scores.split(boxes_per_image))
+
+
+def detection_candidates(boxes: Tensor, scores: Tensor, score_thresh: float = 0.05) -> tuple[Tensor, Tensor, Tensor]:
+    """The (RoI, foreground class) pairs that per-class NMS sees, for one image.
+
+    boxes `[R_i, K, 4]` and scores `[R_i, K]` from `refine_boxes` -> boxes `[C, 4]`, scores `[C]`
+    and labels `[C]` int64 of the pairs scoring above `score_thresh` with a box of at least 0.01 pixel.
+    """
+    labels = torch.arange(scores.shape[-1], device=boxes.device).view(1, -1).expand_as(scores)  # [R_i, K]
+    # every (RoI, foreground class) pair is a candidate detection; class 0 is the background
+    boxes = boxes[:, 1:].reshape(-1, 4)  # [R_i (K-1), 4]
+    scores = scores[:, 1:].reshape(-1)  # [R_i (K-1)]
+    labels = labels[:, 1:].reshape(-1)  # [R_i (K-1)]
+    keep = torch.where(scores > score_thresh)[0]
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    keep = remove_small_boxes(boxes, min_size=1e-2)
+    return boxes[keep], scores[keep], labels[keep]
+
+
 def postprocess_detections(
     class_logits: Tensor,
     box_deltas: Tensor,
@@ -198,25 +231,9 @@ def postprocess_detections(
     per image, image_sizes `(h, w)` per image. Returns, per image, boxes `[D_i, 4]`, scores `[D_i]`
     and labels `[D_i]` int64 in `[1, K)`, best score first, `D_i <= detections_per_img`.
     """
-    num_classes = class_logits.shape[-1]
-    boxes_per_image = [p.shape[0] for p in proposals]
-    predicted_boxes = box_coder.decode(box_deltas, torch.cat(proposals))  # [R, K, 4]: one box per class
-    predicted_scores = F.softmax(class_logits, dim=-1)  # [R, K]
-
     all_boxes, all_scores, all_labels = [], [], []
-    for boxes, scores, image_size in zip(
-        predicted_boxes.split(boxes_per_image), predicted_scores.split(boxes_per_image), image_sizes
-    ):
-        boxes = clip_boxes(boxes, image_size)  # [R_i, K, 4]
-        labels = torch.arange(num_classes, device=boxes.device).view(1, -1).expand_as(scores)  # [R_i, K]
-        # every (RoI, foreground class) pair is a candidate detection; class 0 is the background
-        boxes = boxes[:, 1:].reshape(-1, 4)  # [R_i (K-1), 4]
-        scores = scores[:, 1:].reshape(-1)  # [R_i (K-1)]
-        labels = labels[:, 1:].reshape(-1)  # [R_i (K-1)]
-        keep = torch.where(scores > score_thresh)[0]
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = remove_small_boxes(boxes, min_size=1e-2)
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    for boxes, scores in zip(*refine_boxes(class_logits, box_deltas, proposals, image_sizes, box_coder)):
+        boxes, scores, labels = detection_candidates(boxes, scores, score_thresh)
         keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]  # per class, best first
         all_boxes.append(boxes[keep])
         all_scores.append(scores[keep])

@@ -168,18 +168,32 @@ class MaskBranch(nn.Module):
         """
         if targets is None or len(targets) != len(rois.boxes) or any("masks" not in t for t in targets):
             raise ValueError("training the mask branch needs one target with 'masks' [G, H, W] per image")
-        positive = [torch.where(labels > 0)[0] for labels in rois.labels]  # [R_i+] per image
-        boxes = [b[p] for b, p in zip(rois.boxes, positive)]
-        matched_gt_index = [m[p] for m, p in zip(rois.matched_gt_index, positive)]
+        boxes, matched_gt_index = self.positive_rois(rois)
         mask_logits = self.mask_logits(features, boxes)  # [R+, K, M, M]
-        mask_size = mask_logits.shape[-1]
-        # each positive RoI's target: its object's mask, cropped by the RoI and resampled to M x M
-        # (RoIAlign's average of ones can round to 1 + 1e-7: clamp, since the loss checks [0, 1])
+        labels, targets_per_roi = self.training_targets(targets, boxes, matched_gt_index, mask_logits.shape[-1])
+        return {"loss_mask": mask_loss(mask_logits, labels, targets_per_roi)}
+
+    @staticmethod
+    def positive_rois(rois: TrainingRoIs) -> tuple[list[Tensor], list[Tensor]]:
+        """The RoIs the mask branch trains on: per image, boxes `[R_i+, 4]` and matched_gt_index `[R_i+]` of the positives."""
+        positive = [torch.where(labels > 0)[0] for labels in rois.labels]  # [R_i+] per image
+        return [b[p] for b, p in zip(rois.boxes, positive)], [m[p] for m, p in zip(rois.matched_gt_index, positive)]
+
+    @staticmethod
+    def training_targets(
+        targets: list[dict[str, Tensor]], boxes: list[Tensor], matched_gt_index: list[Tensor], mask_size: int
+    ) -> tuple[Tensor, Tensor]:
+        """The class `[R+]` int64 and the `M x M` mask target `[R+, M, M]` in [0, 1] of each positive RoI.
+
+        A RoI's target is its object's mask ("masks" `[G, H, W]` of its image), cropped by the RoI
+        and resampled to M x M; RoIAlign's average of ones can round to 1 + 1e-7, hence the clamp
+        (the loss checks [0, 1]).
+        """
         targets_per_roi = torch.cat(
             [mask_targets(t["masks"], b, i, mask_size) for t, b, i in zip(targets, boxes, matched_gt_index)]
         ).clamp(0, 1)  # [R+, M, M]
         labels = torch.cat([t["labels"][i] for t, i in zip(targets, matched_gt_index)])  # [R+]
-        return {"loss_mask": mask_loss(mask_logits, labels, targets_per_roi)}
+        return labels, targets_per_roi
 
     def predict(self, features: list[Tensor], detections: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
         """Add "masks" `[D, 1, M, M]` to each image's detections: the sigmoid probabilities of the

@@ -132,32 +132,58 @@ class RegionProposalNetwork(nn.Module):
             raise ValueError("the RPN needs targets (ground-truth boxes) in training mode")
         if len(image_sizes) != features[0].shape[0]:
             raise ValueError(f"{len(image_sizes)} image sizes for a batch of {features[0].shape[0]} feature maps")
+        anchors_per_level, objectness, box_deltas, proposals = self.predict(features, padded_size)
+        num_anchors_per_level = [a.shape[0] for a in anchors_per_level]
+        boxes = self.select_proposals(proposals, objectness.detach(), image_sizes, num_anchors_per_level)
+
+        losses = {}
+        if self.training:
+            anchors = torch.cat(anchors_per_level)  # [T, 4], T anchors per image
+            labels, matched_boxes = self.assign_targets(anchors, targets)
+            all_anchors = anchors.repeat(len(image_sizes), 1)  # [N T, 4]
+            regression_targets = self.box_coder.encode(torch.cat(matched_boxes), all_anchors)  # [N T, 4]
+            losses = self.loss(objectness, box_deltas, labels, regression_targets)
+        return boxes, losses
+
+    def predict(self, features: list[Tensor], padded_size: tuple[int, int]) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+        """The head on every level, and every anchor decoded: the RPN's raw predictions, before any selection.
+
+        features: per level `[N, C, H_l, W_l]`; padded_size `(H, W)`. Returns the anchors of each
+        level `[H_l W_l A, 4]`, objectness logits `[N, T]`, deltas `[N, T, 4]` and the decoded
+        boxes `[N, T, 4]` (detached: no gradient flows through the proposals), `T = sum_l H_l W_l A`
+        in anchor order (`flatten_predictions`).
+        """
         num_images = features[0].shape[0]
         objectness, box_deltas = self.head(features)
         anchors_per_level = self.anchor_generator(
             padded_size, [f.shape[-2:] for f in features], device=features[0].device, dtype=features[0].dtype
         )
-        num_anchors_per_level = [a.shape[0] for a in anchors_per_level]
         anchors = torch.cat(anchors_per_level)  # [T, 4], T anchors per image
         objectness, box_deltas = flatten_predictions(objectness, box_deltas)  # [N, T], [N, T, 4]
 
-        # decode every anchor of every image at once; no gradient flows through the proposals
+        # decode every anchor of every image at once
         all_anchors = anchors.repeat(num_images, 1)  # [N T, 4]
         proposals = self.box_coder.decode(box_deltas.detach().reshape(-1, 4), all_anchors)  # [N T, 1, 4]
-        proposals = proposals.view(num_images, -1, 4)  # [N, T, 4]
-        boxes = self.select_proposals(proposals, objectness.detach(), image_sizes, num_anchors_per_level)
-
-        losses = {}
-        if self.training:
-            labels, matched_boxes = self.assign_targets(anchors, targets)
-            regression_targets = self.box_coder.encode(torch.cat(matched_boxes), all_anchors)  # [N T, 4]
-            losses = self.loss(objectness, box_deltas, labels, regression_targets)
-        return boxes, losses
+        return anchors_per_level, objectness, box_deltas, proposals.view(num_images, -1, 4)  # [N, T, 4]
 
     def select_proposals(
         self, proposals: Tensor, objectness: Tensor, image_sizes: list[tuple[int, int]], num_anchors_per_level: list[int]
     ) -> list[Tensor]:
         """proposals `[N, T, 4]`, objectness `[N, T]` logits -> per image `[R_i, 4]`, best first."""
+        selected = []
+        for boxes, scores, levels in self.proposals_before_nms(proposals, objectness, image_sizes, num_anchors_per_level):
+            keep = batched_nms(boxes, scores, levels, self.nms_thresh)  # NMS within each level, best first
+            selected.append(boxes[keep[: self.post_nms_top_n["training" if self.training else "testing"]]])  # [R_i, 4]
+        return selected
+
+    def proposals_before_nms(
+        self, proposals: Tensor, objectness: Tensor, image_sizes: list[tuple[int, int]], num_anchors_per_level: list[int]
+    ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """The candidates NMS sees: per level the `pre_nms_top_n` best, clipped, without tiny or low-scoring boxes.
+
+        proposals `[N, T, 4]`, objectness `[N, T]` logits -> per image `(boxes [K_i, 4], scores
+        [K_i] (sigmoid of the logits), levels [K_i] int64 (0 for the first level))`.
+        """
         mode = "training" if self.training else "testing"
         num_images = proposals.shape[0]
         levels = torch.cat(
@@ -176,16 +202,14 @@ class RegionProposalNetwork(nn.Module):
         proposals = proposals[image_index, top_indices]  # [N, K, 4]
         levels = levels[top_indices]  # [N, K]
 
-        selected = []
+        candidates = []
         for boxes, scores_i, levels_i, image_size in zip(proposals, scores, levels, image_sizes):
             boxes = clip_boxes(boxes, image_size)  # [K, 4]
             keep = remove_small_boxes(boxes, self.min_size)
             boxes, scores_i, levels_i = boxes[keep], scores_i[keep], levels_i[keep]
             keep = torch.where(scores_i >= self.score_thresh)[0]
-            boxes, scores_i, levels_i = boxes[keep], scores_i[keep], levels_i[keep]
-            keep = batched_nms(boxes, scores_i, levels_i, self.nms_thresh)  # NMS within each level, best first
-            selected.append(boxes[keep[: self.post_nms_top_n[mode]]])  # [R_i, 4]
-        return selected
+            candidates.append((boxes[keep], scores_i[keep], levels_i[keep]))
+        return candidates
 
     def assign_targets(self, anchors: Tensor, targets: list[dict[str, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
         """Label each anchor of each image, and give it the box it should regress to.
