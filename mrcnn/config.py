@@ -43,6 +43,10 @@ class MaskRCNNConfig:
     rpn_score_thresh: float = 0.0
 
     # --- RoI heads (section 3.1: "a RoI is positive if its IoU with a ground-truth box is at least 0.5")
+    # The RoI pooler of every branch (box, mask, keypoint): "align" (RoIAlign, section 3), "warp"
+    # (RoIWarp: bilinear, on the RoI quantized to the feature grid) or "pool" (RoIPool: quantized max);
+    # the paper's Table 2c compares them (mrcnn/roi_warp.py)
+    roi_pooler: Literal["align", "warp", "pool"] = "align"
     roi_aligned: bool = False  # torchvision keeps the legacy RoIAlign; Detectron2 uses the half-pixel shift
     roi_sampling_ratio: int = 2  # samples per bin side; <= 0 is adaptive
     box_pool_size: int = 7
@@ -61,6 +65,10 @@ class MaskRCNNConfig:
     mask: bool = True  # False gives Faster R-CNN (the box-detection chapter)
     mask_head_channels: tuple[int, ...] = (256, 256, 256, 256)  # four 3x3 convs
     mask_predictor_channels: int = 256  # the 2x2 deconvolution
+    # The ablations of Table 2b and 2e (mrcnn/mask_head.py, mrcnn/mask_loss.py):
+    mask_loss: Literal["sigmoid", "softmax"] = "sigmoid"  # per-class sigmoid (paper) or per-pixel softmax over classes
+    class_agnostic_masks: bool = False  # one mask per RoI (K = 1 output) instead of one per class
+    mask_head: Literal["fcn", "mlp"] = "fcn"  # the FCN, or fc 1024 -> fc 1024 -> fc K M^2 on the flattened RoI
 
     # --- keypoint branch (section 5, "Mask R-CNN for Human Pose Estimation") -------------
     num_keypoints: int = 0  # J; > 0 adds the keypoint branch of mrcnn/keypoint_head.py (17 for COCO persons)
@@ -74,6 +82,17 @@ class MaskRCNNConfig:
             raise ValueError(f"num_classes must count the background and at least one class, got {self.num_classes}")
         if self.backbone not in ("resnet50", "resnet101", "small"):
             raise ValueError(f"unknown backbone {self.backbone!r}; choose resnet50, resnet101 or small")
+        if self.roi_pooler not in ("align", "warp", "pool"):
+            raise ValueError(f"unknown roi_pooler {self.roi_pooler!r}; choose 'align' (RoIAlign), 'warp' (RoIWarp) or 'pool' (RoIPool)")
+        if self.mask_loss not in ("sigmoid", "softmax"):
+            raise ValueError(f"unknown mask_loss {self.mask_loss!r}; choose 'sigmoid' (per class) or 'softmax' (over classes)")
+        if self.mask_head not in ("fcn", "mlp"):
+            raise ValueError(f"unknown mask_head {self.mask_head!r}; choose 'fcn' or 'mlp'")
+        if not isinstance(self.class_agnostic_masks, bool):
+            raise ValueError(f"class_agnostic_masks must be True or False, got {self.class_agnostic_masks!r}")
+        if self.class_agnostic_masks and self.mask_loss == "softmax":
+            raise ValueError("class_agnostic_masks=True has one mask channel, a softmax over it is constant; "
+                             "use mask_loss='sigmoid'")
         if len(self.anchor_sizes) != 5 and self.fpn:
             raise ValueError(f"the FPN model needs one anchor size per level P2..P6, got {self.anchor_sizes}")
 

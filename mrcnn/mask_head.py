@@ -29,13 +29,14 @@ Shapes (the book's legend): R RoIs, D detections, C channels, K classes, M mask 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mrcnn.box_head import TrainingRoIs, boxes_to_rois
-from mrcnn.mask_loss import mask_loss, mask_targets
-from mrcnn.roi_align import MultiLevelRoIAlign
+from mrcnn.mask_loss import class_agnostic_mask_loss, mask_loss, mask_targets, multinomial_mask_loss
 
 
 class MaskHead(nn.Module):
@@ -134,16 +135,30 @@ class MaskBranch(nn.Module):
     """Pooler, head and predictor of the mask branch, trained on positive RoIs, run on detections.
 
     Args:
-        pooler: multi-level RoIAlign to 14 x 14 (sampling ratio 2 in torchvision).
+        pooler: multi-level RoIAlign to 14 x 14 (sampling ratio 2 in torchvision), or another
+            pooler with its interface (`mrcnn.roi_warp.MultiLevelRoIPooler`, Table 2c).
         head: `MaskHead` (the paper's FCN) or `MLPMaskHead` (the ablation).
-        predictor: `MaskPredictor` or `MLPMaskPredictor`, giving `[R, K, M, M]` mask logits.
+        predictor: `MaskPredictor` or `MLPMaskPredictor`, giving `[R, K, M, M]` mask logits
+            (`[R, 1, M, M]` when `class_agnostic`).
+        loss: "sigmoid", the paper's per-class sigmoid (`mask_loss`), or "softmax", a per-pixel
+            softmax over the K classes (`multinomial_mask_loss`, Table 2b). At inference a
+            detection's mask is the sigmoid, or the softmax probability, of its own class.
+        class_agnostic: one mask per RoI whatever its class (`class_agnostic_mask_loss`,
+            Table 2b); the predictor must then have one output channel. Sigmoid only.
     """
 
-    def __init__(self, pooler: MultiLevelRoIAlign, head: nn.Module, predictor: nn.Module):
+    def __init__(self, pooler: nn.Module, head: nn.Module, predictor: nn.Module,
+                 loss: Literal["sigmoid", "softmax"] = "sigmoid", class_agnostic: bool = False):  # fmt: skip
         super().__init__()
+        if loss not in ("sigmoid", "softmax"):
+            raise ValueError(f"unknown mask loss {loss!r}; choose 'sigmoid' or 'softmax'")
+        if class_agnostic and loss == "softmax":
+            raise ValueError("a class-agnostic mask has one channel: a softmax over it is constant; use loss='sigmoid'")
         self.pooler = pooler
         self.head = head
         self.predictor = predictor
+        self.loss_function = loss
+        self.class_agnostic = class_agnostic
 
     def mask_logits(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
         """Mask logits `[R, K, M, M]` for the boxes `[R_i, 4]` of every image."""
@@ -171,6 +186,10 @@ class MaskBranch(nn.Module):
         boxes, matched_gt_index = self.positive_rois(rois)
         mask_logits = self.mask_logits(features, boxes)  # [R+, K, M, M]
         labels, targets_per_roi = self.training_targets(targets, boxes, matched_gt_index, mask_logits.shape[-1])
+        if self.class_agnostic:  # Table 2b: one mask, whatever the class
+            return {"loss_mask": class_agnostic_mask_loss(mask_logits, targets_per_roi)}
+        if self.loss_function == "softmax":  # Table 2b: the K classes compete for each pixel
+            return {"loss_mask": multinomial_mask_loss(mask_logits, labels, targets_per_roi)}
         return {"loss_mask": mask_loss(mask_logits, labels, targets_per_roi)}
 
     @staticmethod
@@ -197,11 +216,18 @@ class MaskBranch(nn.Module):
 
     def predict(self, features: list[Tensor], detections: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
         """Add "masks" `[D, 1, M, M]` to each image's detections: the sigmoid probabilities of the
-        mask of each detection's own class. Returns new dicts; the other fields are the same tensors."""
-        mask_logits = self.mask_logits(features, [d["boxes"] for d in detections])  # [D, K, M, M]
+        mask of each detection's own class (of the one mask when class-agnostic; the softmax
+        probability of that class with the softmax loss). Returns new dicts; the other fields
+        are the same tensors."""
+        mask_logits = self.mask_logits(features, [d["boxes"] for d in detections])  # [D, K, M, M] ([D, 1, M, M])
         labels = torch.cat([d["labels"] for d in detections])  # [D]
+        if self.class_agnostic:
+            labels = torch.zeros_like(labels)  # [D]: channel 0 is every class's mask
         detection_index = torch.arange(labels.shape[0], device=labels.device)  # [D]
-        probabilities = mask_logits[detection_index, labels].sigmoid()[:, None]  # [D, 1, M, M]: the predicted class only
+        if self.loss_function == "softmax":
+            probabilities = mask_logits.softmax(dim=1)[detection_index, labels][:, None]  # [D, 1, M, M]
+        else:
+            probabilities = mask_logits[detection_index, labels].sigmoid()[:, None]  # [D, 1, M, M]: the predicted class only
         per_image = probabilities.split([d["labels"].shape[0] for d in detections])
         return [{**d, "masks": masks} for d, masks in zip(detections, per_image)]
 

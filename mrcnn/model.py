@@ -25,8 +25,8 @@ from mrcnn.config import MaskRCNNConfig
 from mrcnn.fpn import FeaturePyramidNetwork
 from mrcnn.inference import paste_detection_masks
 from mrcnn.keypoint_head import KeypointBranch, KeypointHead, KeypointPredictor
-from mrcnn.mask_head import MaskBranch, MaskHead, MaskPredictor
-from mrcnn.roi_align import MultiLevelRoIAlign
+from mrcnn.mask_head import MaskBranch, MaskHead, MaskPredictor, MLPMaskHead, MLPMaskPredictor
+from mrcnn.roi_warp import build_roi_pooler
 from mrcnn.rpn import RegionProposalNetwork, RPNHead
 from mrcnn.transform import ImageTransform, resize_boxes, resize_keypoints
 
@@ -39,6 +39,17 @@ def build_backbone(config: MaskRCNNConfig) -> ResNet:
     if config.backbone == "resnet101":
         return resnet101(frozen_stages=frozen_stages)
     return resnet_small(frozen_stages=frozen_stages)
+
+
+def build_mask_head(config: MaskRCNNConfig, in_channels: int, pooled_size: int) -> tuple[nn.Module, nn.Module]:
+    """The mask head and predictor the config names: the FCN (`[R, C, P, P]` -> `[R, K, 2P, 2P]`) or
+    Table 2e's MLP (fc, fc, fc to `K x 2P x 2P`); K = 1 with `class_agnostic_masks` (Table 2b)."""
+    num_masks = 1 if config.class_agnostic_masks else config.num_classes
+    if config.mask_head == "mlp":
+        hidden = (config.representation_size,) * 2  # the paper's 1024, 1024
+        return MLPMaskHead(in_channels, pooled_size, hidden), MLPMaskPredictor(hidden[-1], num_masks, 2 * pooled_size)
+    head = MaskHead(in_channels, config.mask_head_channels)
+    return head, MaskPredictor(config.mask_head_channels[-1], config.mask_predictor_channels, num_masks)
 
 
 class MaskRCNN(nn.Module):
@@ -70,7 +81,7 @@ class MaskRCNN(nn.Module):
         )
         roi_strides = self.fpn.strides[:4]  # RoIs are pooled from P2..P5; P6 serves the RPN only
         self.box_branch = BoxBranch(
-            MultiLevelRoIAlign(config.box_pool_size, roi_strides, config.roi_sampling_ratio, config.roi_aligned),
+            build_roi_pooler(config.roi_pooler, config.box_pool_size, roi_strides, config.roi_sampling_ratio, config.roi_aligned),
             BoxHead(config.fpn_channels, config.box_pool_size, config.representation_size),
             BoxPredictor(config.representation_size, config.num_classes),
             fg_iou_thresh=config.box_fg_iou_thresh,
@@ -85,14 +96,15 @@ class MaskRCNN(nn.Module):
         self.mask_branch = None
         if config.mask:
             self.mask_branch = MaskBranch(
-                MultiLevelRoIAlign(config.mask_pool_size, roi_strides, config.roi_sampling_ratio, config.roi_aligned),
-                MaskHead(config.fpn_channels, config.mask_head_channels),
-                MaskPredictor(config.mask_head_channels[-1], config.mask_predictor_channels, config.num_classes),
+                build_roi_pooler(config.roi_pooler, config.mask_pool_size, roi_strides, config.roi_sampling_ratio, config.roi_aligned),
+                *build_mask_head(config, config.fpn_channels, config.mask_pool_size),
+                loss=config.mask_loss,
+                class_agnostic=config.class_agnostic_masks,
             )
         self.keypoint_branch = None
         if config.num_keypoints > 0:  # Keypoint R-CNN (section 5)
             self.keypoint_branch = KeypointBranch(
-                MultiLevelRoIAlign(config.keypoint_pool_size, roi_strides, config.roi_sampling_ratio, config.roi_aligned),
+                build_roi_pooler(config.roi_pooler, config.keypoint_pool_size, roi_strides, config.roi_sampling_ratio, config.roi_aligned),
                 KeypointHead(config.fpn_channels, config.keypoint_head_channels),
                 KeypointPredictor(config.keypoint_head_channels[-1], config.num_keypoints),
             )

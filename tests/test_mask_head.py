@@ -7,7 +7,7 @@ import torch
 
 from mrcnn.box_head import BoxBranch, BoxHead, BoxPredictor, TrainingRoIs, boxes_to_rois
 from mrcnn.mask_head import MaskBranch, MaskHead, MaskPredictor, MLPMaskHead, MLPMaskPredictor
-from mrcnn.mask_loss import mask_loss, mask_targets
+from mrcnn.mask_loss import class_agnostic_mask_loss, mask_loss, mask_targets, multinomial_mask_loss
 from mrcnn.roi_align import MultiLevelRoIAlign
 
 STRIDES = (4, 8, 16, 32)
@@ -143,6 +143,67 @@ def test_training_needs_masks():
     rois, targets = training_batch()
     with pytest.raises(ValueError, match="masks"):
         small_branch().train()(pyramid(), rois, [{k: v for k, v in t.items() if k != "masks"} for t in targets])
+
+
+# --- the ablations of Table 2b: softmax over classes, class-agnostic masks -------------------
+
+
+def positive_logits_and_targets(branch, features, rois, targets):
+    """The mask logits of the positive RoIs, their classes and their 28 x 28 targets, by hand."""
+    positive_boxes = rois.boxes[0][[0, 2]]
+    logits = branch.mask_logits(features, [positive_boxes, torch.zeros(0, 4)])
+    target = mask_targets(targets[0]["masks"], positive_boxes, torch.tensor([0, 1]), 28).clamp(0, 1)
+    return logits, torch.tensor([2, 4]), target
+
+
+def test_softmax_loss_is_the_multinomial_loss_and_differs_from_the_sigmoid():
+    torch.manual_seed(0)
+    sigmoid = small_branch().train()
+    softmax = MaskBranch(sigmoid.pooler, sigmoid.head, sigmoid.predictor, loss="softmax").train()  # the same weights
+    features = pyramid()
+    rois, targets = training_batch()
+    logits, labels, target = positive_logits_and_targets(softmax, features, rois, targets)
+    loss = softmax(features, rois, targets)[1]["loss_mask"]
+    torch.testing.assert_close(loss, multinomial_mask_loss(logits, labels, target))
+    assert not torch.allclose(loss, sigmoid(features, rois, targets)[1]["loss_mask"])
+
+
+def test_class_agnostic_loss_uses_the_one_channel():
+    torch.manual_seed(0)
+    branch = MaskBranch(MultiLevelRoIAlign(14, STRIDES), MaskHead(8, (8,) * 4), MaskPredictor(8, 8, 1), class_agnostic=True)
+    features = pyramid()
+    rois, targets = training_batch()
+    logits, _, target = positive_logits_and_targets(branch, features, rois, targets)
+    assert logits.shape == (2, 1, 28, 28)
+    loss = branch.train()(features, rois, targets)[1]["loss_mask"]
+    torch.testing.assert_close(loss, class_agnostic_mask_loss(logits, target))
+    loss.backward()
+    assert branch.predictor.mask_logits.weight.grad.abs().sum() > 0
+
+
+def test_inference_of_the_softmax_and_class_agnostic_variants():
+    detections = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 30.0], [10.0, 12.0, 20.0, 50.0]]),
+                   "labels": torch.tensor([3, 1]), "scores": torch.tensor([0.9, 0.8])}]  # fmt: skip
+    features = pyramid(images=1)
+    softmax = MaskBranch(MultiLevelRoIAlign(14), MaskHead(8, (8,) * 4), constant_class_predictor(5), loss="softmax").eval()
+    with torch.no_grad():
+        masks = softmax.predict(features, detections)[0]["masks"]  # [D, 1, 28, 28]
+    p = torch.softmax(torch.arange(5) * 0.1, dim=0)  # the softmax of the constant logits 0.1 k
+    torch.testing.assert_close(masks[0], torch.full((1, 28, 28), p[3].item()))
+    torch.testing.assert_close(masks[1], torch.full((1, 28, 28), p[1].item()))
+    agnostic = MaskBranch(MultiLevelRoIAlign(14), MaskHead(8, (8,) * 4), constant_class_predictor(1), class_agnostic=True).eval()
+    with torch.no_grad():
+        agnostic.predictor.mask_logits.bias.fill_(0.7)
+        masks = agnostic.predict(features, detections)[0]["masks"]
+    torch.testing.assert_close(masks, torch.full((2, 1, 28, 28), torch.sigmoid(torch.tensor(0.7)).item()))
+
+
+def test_mask_branch_bad_variants_are_value_errors():
+    parts = (MultiLevelRoIAlign(14), MaskHead(8, (8,) * 4), MaskPredictor(8, 8, 1))
+    with pytest.raises(ValueError, match="unknown mask loss 'bce'"):
+        MaskBranch(*parts, loss="bce")
+    with pytest.raises(ValueError, match="class-agnostic"):
+        MaskBranch(*parts, loss="softmax", class_agnostic=True)
 
 
 # --- against torchvision ------------------------------------------------------------------
