@@ -263,7 +263,10 @@ def resnet_small(norm: Norm = nn.BatchNorm2d, frozen_stages: int = -1, **kwargs)
     return ResNet(BasicBlock, (1, 1, 1, 1), widths=(16, 32, 64, 128), stem_width=16, norm=norm, frozen_stages=frozen_stages, **kwargs)
 
 
-def res5_head(in_channels: int = 1024, width: int = 512, num_blocks: int = 3, norm: Norm = FrozenBatchNorm2d) -> nn.Sequential:
+def res5_head(
+    in_channels: int = 1024, width: int = 512, num_blocks: int = 3, norm: Norm = FrozenBatchNorm2d,
+    block: type[nn.Module] = Bottleneck,
+) -> nn.Sequential:  # fmt: skip
     """The res5 stage run on each RoI: the head of the C4 model (paper Figure 4, left).
 
     RoI features `[R, 1024, 14, 14]` pooled from C4 -> `[R, 2048, 7, 7]`: bottleneck blocks, the
@@ -272,8 +275,10 @@ def res5_head(in_channels: int = 1024, width: int = 512, num_blocks: int = 3, no
     put it on the first 1x1).
     A box head then average-pools to `[R, 2048]`. Its weights are res5 of an ImageNet ResNet:
     load `{key[len("res5."):]: value}` for the `res5.*` keys from `from_torchvision_resnet`.
+    For the small trunk: `res5_head(64, 128, 1, nn.BatchNorm2d, BasicBlock)`, `[R, 64, 14, 14]` ->
+    `[R, 128, 7, 7]` (mrcnn/architectures.py builds both).
     """
-    return make_stage(Bottleneck, in_channels, width, num_blocks, 2, norm)
+    return make_stage(block, in_channels, width, num_blocks, 2, norm)
 
 
 # torchvision name -> ours, applied in order to the part of a key after the block index

@@ -135,11 +135,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def config_from_checkpoint(checkpoint: dict, path: str | os.PathLike = "checkpoint") -> MaskRCNNConfig:
     """The `MaskRCNNConfig` a checkpoint was trained with."""
     fields = {field.name for field in dataclasses.fields(MaskRCNNConfig)}
-    unknown = sorted(set(checkpoint["config"]) - fields)
+    saved = dict(checkpoint["config"])
+    if saved.get("fpn") is True and "architecture" not in saved:  # before `architecture` replaced it, every model was FPN
+        del saved["fpn"]
+    unknown = sorted(set(saved) - fields)
     if unknown:
         raise CheckpointError(f"{path}: its config has fields this code does not know: {', '.join(unknown)}")
     try:
-        return MaskRCNNConfig(**checkpoint["config"])
+        return MaskRCNNConfig(**saved)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: its config is not valid here: {error}") from error
 

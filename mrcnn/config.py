@@ -24,12 +24,14 @@ class MaskRCNNConfig:
 
     # --- backbone and FPN ---------------------------------------------------------------
     backbone: Literal["resnet50", "resnet101", "small"] = "resnet50"
-    fpn: bool = True  # False: the C4 design, RoI features from C4 and res5 as the head
+    # Figure 4 (mrcnn/architectures.py): "fpn" (P2..P6, light heads), "c4" (trunk to res4, stride 16,
+    # res5 as the per-RoI head, M = 14) or "c5" (the whole trunk, stride 32, the FPN heads; Table 2d)
+    architecture: Literal["fpn", "c4", "c5"] = "fpn"
     fpn_channels: int = 256
     trainable_stages: int = 3  # layer2..layer4 train, stem and layer1 stay frozen (paper: frozen BN, ImageNet init)
 
     # --- anchors and RPN (section 3, "Faster R-CNN"; FPN paper for the sizes) -------------
-    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one size per level P2..P6
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one size per level P2..P6 (C4, C5: all at the one level)
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     rpn_pre_nms_top_n_train: int = 2000  # per level, before NMS
     rpn_pre_nms_top_n_test: int = 1000
@@ -49,8 +51,8 @@ class MaskRCNNConfig:
     roi_pooler: Literal["align", "warp", "pool"] = "align"
     roi_aligned: bool = False  # torchvision keeps the legacy RoIAlign; Detectron2 uses the half-pixel shift
     roi_sampling_ratio: int = 2  # samples per bin side; <= 0 is adaptive
-    box_pool_size: int = 7
-    mask_pool_size: int = 14
+    box_pool_size: int = 7  # C4 pools 2x this and res5 halves it
+    mask_pool_size: int = 14  # the mask is twice this (28) with FPN and C5, this (14) with C4
     box_fg_iou_thresh: float = 0.5
     box_bg_iou_thresh: float = 0.5
     box_batch_size_per_image: int = 512  # "N sampled RoIs per image ... 512 for FPN"
@@ -93,8 +95,15 @@ class MaskRCNNConfig:
         if self.class_agnostic_masks and self.mask_loss == "softmax":
             raise ValueError("class_agnostic_masks=True has one mask channel, a softmax over it is constant; "
                              "use mask_loss='sigmoid'")
-        if len(self.anchor_sizes) != 5 and self.fpn:
+        if self.architecture not in ("fpn", "c4", "c5"):
+            raise ValueError(f"unknown architecture {self.architecture!r}; choose 'fpn', 'c4' or 'c5'")
+        if len(self.anchor_sizes) != 5 and self.architecture == "fpn":
             raise ValueError(f"the FPN model needs one anchor size per level P2..P6, got {self.anchor_sizes}")
+        if len(self.anchor_sizes) == 0:
+            raise ValueError("anchor_sizes is empty; the RPN needs at least one anchor size")
+        if self.architecture == "c4" and self.mask_pool_size % 2:
+            raise ValueError(f"the C4 mask head halves (res5) then doubles (deconv) the {self.mask_pool_size} x "
+                             f"{self.mask_pool_size} RoI features; mask_pool_size must be even")
 
     def replace(self, **changes) -> "MaskRCNNConfig":
         """A copy with some fields changed (the dataclass is frozen)."""
@@ -116,6 +125,19 @@ def torchvision_keypointrcnn_resnet50_fpn(num_classes: int = 2, num_keypoints: i
 def detectron2_r50_fpn_1x(num_classes: int = 81) -> MaskRCNNConfig:
     """Detectron2's `mask_rcnn_R_50_FPN_1x`: aligned RoIAlign with adaptive sampling, 80 classes + background."""
     return MaskRCNNConfig(num_classes=num_classes, roi_aligned=True, roi_sampling_ratio=0, rpn_post_nms_top_n_train=1000)
+
+
+def paper_r50_c4(num_classes: int = 81) -> MaskRCNNConfig:
+    """The paper's ResNet-50-C4 Mask R-CNN (Figure 4 left; the model of most of Table 2): one stride-16
+    map, res5 as the head, 14 x 14 masks. Section 3.1: "N is 64 for the C4 backbone" RoIs per image;
+    the RPN's 12000 / 6000 candidates before NMS are Detectron's C4 settings."""
+    return MaskRCNNConfig(
+        num_classes=num_classes,
+        architecture="c4",
+        rpn_pre_nms_top_n_train=12000,
+        rpn_pre_nms_top_n_test=6000,
+        box_batch_size_per_image=64,
+    )
 
 
 def shapes_small(num_classes: int = 5) -> MaskRCNNConfig:
@@ -145,6 +167,19 @@ def shapes_small(num_classes: int = 5) -> MaskRCNNConfig:
     )
 
 
+def shapes_small_c4(num_classes: int = 5) -> MaskRCNNConfig:
+    """`shapes_small` as the C4 model (Figure 4 left): the small trunk to res4 (stride 16, 64 channels),
+    every anchor at that map, its res5 (one basic block, 128 channels) as the head, 14 x 14 masks,
+    and the paper's 64 RoIs per image for C4."""
+    return shapes_small(num_classes).replace(architecture="c4", box_batch_size_per_image=64)
+
+
+def shapes_small_c5(num_classes: int = 5) -> MaskRCNNConfig:
+    """`shapes_small` as the stride-32 C5 model of Table 2d: the whole small trunk (128 channels), every
+    anchor at C5, the FPN heads on C5 (mrcnn/architectures.py says why)."""
+    return shapes_small(num_classes).replace(architecture="c5")
+
+
 def figures_small(num_classes: int = 2, num_keypoints: int = 11, mask: bool = True) -> MaskRCNNConfig:
     """`shapes_small` as a Keypoint R-CNN for the stick figures of mrcnn/data/keypoints.py (section 5):
     one class, 11 keypoints, the paper's eight-convolution keypoint head at 64 channels, and the
@@ -156,6 +191,9 @@ PRESETS = {
     "torchvision_maskrcnn_resnet50_fpn": torchvision_maskrcnn_resnet50_fpn,
     "torchvision_keypointrcnn_resnet50_fpn": torchvision_keypointrcnn_resnet50_fpn,
     "detectron2_r50_fpn_1x": detectron2_r50_fpn_1x,
+    "paper_r50_c4": paper_r50_c4,
     "shapes_small": shapes_small,
+    "shapes_small_c4": shapes_small_c4,
+    "shapes_small_c5": shapes_small_c5,
     "figures_small": figures_small,
 }

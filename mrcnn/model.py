@@ -6,12 +6,17 @@
            -> keypoint branch, when config.num_keypoints > 0 (section 5: J one-hot masks of 56x56)
            -> paste the masks into the original images
 
+That is the ResNet-FPN model (Figure 4, right). `config.architecture` also builds the ResNet-C4
+model of Figure 4 (left: the trunk stops at res4, the RPN and RoIAlign 14x14 read C4 alone, and
+res5 is the head of both branches, giving K masks of 14x14) and the stride-32 ResNet-C5 model of
+Table 2d (the whole trunk, one map, the FPN heads); mrcnn/architectures.py builds their heads.
+
 In training, `forward(images, targets)` returns the five losses of the multi-task objective
 (section 3.1): `L = L_cls + L_box + L_mask`, plus the RPN's two (objectness and its box
 regression), which train the proposals jointly. In evaluation it returns one dict of
 detections per image, in the coordinates of the original images.
 
-Shapes follow the book's legend: N images, C channels, K classes, R RoIs, D detections.
+Shapes follow the book's legend: N images, C channels, K classes, R RoIs, D detections, M mask size.
 """
 
 from __future__ import annotations
@@ -19,41 +24,34 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from mrcnn.anchors import AnchorGenerator
+from mrcnn.architectures import c4_heads, fpn_heads
 from mrcnn.backbone import ResNet, resnet50, resnet101, resnet_small
-from mrcnn.box_head import BoxBranch, BoxHead, BoxPredictor
+from mrcnn.box_head import BoxBranch
 from mrcnn.config import MaskRCNNConfig
 from mrcnn.fpn import FeaturePyramidNetwork
 from mrcnn.inference import paste_detection_masks
 from mrcnn.keypoint_head import KeypointBranch, KeypointHead, KeypointPredictor
-from mrcnn.mask_head import MaskBranch, MaskHead, MaskPredictor, MLPMaskHead, MLPMaskPredictor
+from mrcnn.mask_head import MaskBranch
 from mrcnn.roi_warp import build_roi_pooler
 from mrcnn.rpn import RegionProposalNetwork, RPNHead
 from mrcnn.transform import ImageTransform, resize_boxes, resize_keypoints
 
 
 def build_backbone(config: MaskRCNNConfig) -> ResNet:
-    """The ResNet trunk the config names, with the stages before `trainable_stages` frozen."""
+    """The ResNet trunk the config names, with the stages before `trainable_stages` frozen; it stops
+    after res4 for the C4 model (res5 becomes its head)."""
     frozen_stages = 4 - config.trainable_stages  # torchvision's trainable_layers=3 freezes the stem and res2
+    last_stage = 4 if config.architecture == "c4" else 5
     if config.backbone == "resnet50":
-        return resnet50(frozen_stages=frozen_stages)
+        return resnet50(frozen_stages=frozen_stages, last_stage=last_stage)
     if config.backbone == "resnet101":
-        return resnet101(frozen_stages=frozen_stages)
-    return resnet_small(frozen_stages=frozen_stages)
-
-
-def build_mask_head(config: MaskRCNNConfig, in_channels: int, pooled_size: int) -> tuple[nn.Module, nn.Module]:
-    """The mask head and predictor the config names: the FCN (`[R, C, P, P]` -> `[R, K, 2P, 2P]`) or
-    Table 2e's MLP (fc, fc, fc to `K x 2P x 2P`); K = 1 with `class_agnostic_masks` (Table 2b)."""
-    num_masks = 1 if config.class_agnostic_masks else config.num_classes
-    if config.mask_head == "mlp":
-        hidden = (config.representation_size,) * 2  # the paper's 1024, 1024
-        return MLPMaskHead(in_channels, pooled_size, hidden), MLPMaskPredictor(hidden[-1], num_masks, 2 * pooled_size)
-    head = MaskHead(in_channels, config.mask_head_channels)
-    return head, MaskPredictor(config.mask_head_channels[-1], config.mask_predictor_channels, num_masks)
+        return resnet101(frozen_stages=frozen_stages, last_stage=last_stage)
+    return resnet_small(frozen_stages=frozen_stages, last_stage=last_stage)
 
 
 class MaskRCNN(nn.Module):
-    """Mask R-CNN with a ResNet-FPN backbone (paper Figure 4, right); `config.mask=False` gives Faster R-CNN."""
+    """Mask R-CNN (paper section 3): ResNet-FPN (Figure 4, right) by default, ResNet-C4 (Figure 4, left)
+    or ResNet-C5 (Table 2d) by `config.architecture`; `config.mask=False` gives Faster R-CNN."""
 
     def __init__(self, config: MaskRCNNConfig):
         super().__init__()
@@ -62,14 +60,18 @@ class MaskRCNN(nn.Module):
             config.min_size, config.max_size, config.image_mean, config.image_std, config.size_divisible
         )
         self.backbone = build_backbone(config)
-        self.fpn = FeaturePyramidNetwork(self.backbone.out_channels, config.fpn_channels, extra_max_pool=True)
-        anchor_generator = AnchorGenerator(
-            sizes=tuple((size,) for size in config.anchor_sizes),
-            aspect_ratios=(tuple(config.aspect_ratios),) * len(config.anchor_sizes),
-        )
+        self.fpn = None
+        if config.architecture == "fpn":
+            self.fpn = FeaturePyramidNetwork(self.backbone.out_channels, config.fpn_channels, extra_max_pool=True)
+            channels, roi_strides = config.fpn_channels, self.fpn.strides[:4]  # RoIs from P2..P5; P6 serves the RPN only
+            anchor_sizes = tuple((size,) for size in config.anchor_sizes)  # one size per level P2..P6
+        else:  # one map, C4 (stride 16) or C5 (stride 32), for the RPN and the RoIs
+            channels, roi_strides = self.backbone.out_channels[-1], (self.backbone.strides[-1],)
+            anchor_sizes = (tuple(config.anchor_sizes),)  # every size at the one level
+        anchor_generator = AnchorGenerator(anchor_sizes, (tuple(config.aspect_ratios),) * len(anchor_sizes))
         self.rpn = RegionProposalNetwork(
             anchor_generator,
-            RPNHead(config.fpn_channels, len(config.aspect_ratios)),
+            RPNHead(channels, anchor_generator.num_anchors_per_location()[0]),
             fg_iou_thresh=config.rpn_fg_iou_thresh,
             bg_iou_thresh=config.rpn_bg_iou_thresh,
             batch_size_per_image=config.rpn_batch_size_per_image,
@@ -79,11 +81,15 @@ class MaskRCNN(nn.Module):
             nms_thresh=config.rpn_nms_thresh,
             score_thresh=config.rpn_score_thresh,
         )
-        roi_strides = self.fpn.strides[:4]  # RoIs are pooled from P2..P5; P6 serves the RPN only
+        heads = c4_heads(config, channels) if config.architecture == "c4" else fpn_heads(config, channels)
+
+        def pooler(size: int) -> nn.Module:  # the same pooler (Table 2c) for every branch
+            return build_roi_pooler(config.roi_pooler, size, roi_strides, config.roi_sampling_ratio, config.roi_aligned)
+
         self.box_branch = BoxBranch(
-            build_roi_pooler(config.roi_pooler, config.box_pool_size, roi_strides, config.roi_sampling_ratio, config.roi_aligned),
-            BoxHead(config.fpn_channels, config.box_pool_size, config.representation_size),
-            BoxPredictor(config.representation_size, config.num_classes),
+            pooler(heads.box_pool_size),
+            heads.box_head,
+            heads.box_predictor,
             fg_iou_thresh=config.box_fg_iou_thresh,
             bg_iou_thresh=config.box_bg_iou_thresh,
             batch_size_per_image=config.box_batch_size_per_image,
@@ -95,17 +101,13 @@ class MaskRCNN(nn.Module):
         )
         self.mask_branch = None
         if config.mask:
-            self.mask_branch = MaskBranch(
-                build_roi_pooler(config.roi_pooler, config.mask_pool_size, roi_strides, config.roi_sampling_ratio, config.roi_aligned),
-                *build_mask_head(config, config.fpn_channels, config.mask_pool_size),
-                loss=config.mask_loss,
-                class_agnostic=config.class_agnostic_masks,
-            )
+            self.mask_branch = MaskBranch(pooler(heads.mask_pool_size), heads.mask_head, heads.mask_predictor,
+                                          loss=config.mask_loss, class_agnostic=config.class_agnostic_masks)  # fmt: skip
         self.keypoint_branch = None
         if config.num_keypoints > 0:  # Keypoint R-CNN (section 5)
             self.keypoint_branch = KeypointBranch(
-                build_roi_pooler(config.roi_pooler, config.keypoint_pool_size, roi_strides, config.roi_sampling_ratio, config.roi_aligned),
-                KeypointHead(config.fpn_channels, config.keypoint_head_channels),
+                pooler(config.keypoint_pool_size),
+                KeypointHead(channels, config.keypoint_head_channels),
                 KeypointPredictor(config.keypoint_head_channels[-1], config.num_keypoints),
             )
 
@@ -122,9 +124,8 @@ class MaskRCNN(nn.Module):
             self.check_labels(targets)
         original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
         batch, image_sizes, targets = self.transform(images, targets)  # [N, 3, H_pad, W_pad]
-        features = self.fpn(self.backbone(batch))  # [P2, ..., P6], each [N, C, H_l, W_l]
+        features, roi_features = self.feature_maps(batch)  # FPN: [P2..P6] and [P2..P5]; C4, C5: [C4] or [C5]
         proposals, rpn_losses = self.rpn(features, image_sizes, tuple(batch.shape[-2:]), targets)
-        roi_features = features[:4]  # P2..P5
         if self.training:
             training_rois, box_losses = self.box_branch(roi_features, proposals, image_sizes, targets)
             losses = {**rpn_losses, **box_losses}
@@ -136,7 +137,7 @@ class MaskRCNN(nn.Module):
 
         detections, _ = self.box_branch(roi_features, proposals, image_sizes)
         if self.mask_branch is not None:
-            detections = self.mask_branch.predict(roi_features, detections)  # masks [D, 1, 28, 28]
+            detections = self.mask_branch.predict(roi_features, detections)  # masks [D, 1, M, M]
         if self.keypoint_branch is not None:
             detections = self.keypoint_branch.predict(roi_features, detections)  # keypoints [D, J, 3]
         for detection, size, original in zip(detections, image_sizes, original_sizes):
@@ -146,6 +147,17 @@ class MaskRCNN(nn.Module):
         if self.mask_branch is not None:
             detections = paste_detection_masks(detections, original_sizes)  # masks [D, 1, H, W]
         return detections
+
+    def feature_maps(self, batch: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """The maps the RPN reads and the maps the RoIs are pooled from, each `[N, C, H_l, W_l]`.
+
+        FPN: P2..P6 and P2..P5. C4 and C5: the last map of the trunk (stride 16 or 32) for both.
+        """
+        features = self.backbone(batch)  # [C2, ..., C5] ([C2, C3, C4] for the C4 model)
+        if self.fpn is None:
+            return features[-1:], features[-1:]
+        pyramid = self.fpn(features)  # [P2, ..., P6]
+        return pyramid, pyramid[:4]
 
     def check_labels(self, targets: list[dict[str, Tensor]]) -> None:
         """Raise a `ValueError` naming the image if a label is outside `[1, K)`."""

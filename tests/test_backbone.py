@@ -71,6 +71,13 @@ def test_c4_backbone_stops_after_res4_and_res5_head_halves_roi_features():
         assert head(torch.rand(3, 1024, 14, 14)).shape == (3, 2048, 7, 7)
 
 
+def test_res5_head_of_the_small_trunk_uses_basic_blocks():
+    model = resnet_small(last_stage=4)
+    head = res5_head(model.out_channels[-1], 128, 1, nn.BatchNorm2d, BasicBlock)
+    assert model.out_channels[-1] == 64 and isinstance(head[0], BasicBlock)
+    assert head(torch.rand(3, 64, 14, 14)).shape == (3, 128, 7, 7)  # the small trunk's C5 width, stride 2
+
+
 def test_resnet101_has_23_blocks_in_res4():
     assert len(resnet101().res4) == 23
 

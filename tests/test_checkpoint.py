@@ -121,3 +121,26 @@ def test_weights_of_another_model_do_not_load(model, tmp_path):
     faster = MaskRCNN(shapes_small().replace(mask=False))
     with pytest.raises(CheckpointError, match="unexpected .*mask_branch"):
         load_model_state(faster, load_checkpoint(path), path)
+
+
+def test_configs_saved_before_architecture_existed_still_load(model):
+    saved = {**vars(model.config), "fpn": True}
+    del saved["architecture"]
+    assert config_from_checkpoint({"config": saved}) == model.config  # every such model was FPN
+    with pytest.raises(CheckpointError, match="does not know: fpn"):
+        config_from_checkpoint({"config": {**saved, "fpn": False}})  # a C4 flag that was never honoured
+
+
+def test_c4_round_trip_keeps_the_shared_res5_shared(tmp_path):
+    from mrcnn.config import shapes_small_c4
+
+    torch.manual_seed(0)
+    c4 = MaskRCNN(shapes_small_c4())
+    path = tmp_path / "c4.pt"
+    save_checkpoint(path, c4, c4.config, 1)
+    checkpoint = load_checkpoint(path)
+    fresh = MaskRCNN(config_from_checkpoint(checkpoint))
+    load_model_state(fresh, checkpoint, path)
+    res5 = fresh.box_branch.head.res5
+    assert res5 is fresh.mask_branch.head.res5  # one stage, two heads
+    torch.testing.assert_close(res5[0].conv1.weight, c4.box_branch.head.res5[0].conv1.weight)

@@ -33,6 +33,10 @@ def test_every_preset_builds_a_valid_config():
         (dict(num_classes=1), "num_classes"),
         (dict(backbone="resnet18"), "unknown backbone"),
         (dict(num_keypoints=-1), "num_keypoints"),
+        (dict(architecture="c3"), "unknown architecture 'c3'"),
+        (dict(anchor_sizes=(32, 64)), "one anchor size per level P2..P6"),
+        (dict(architecture="c4", anchor_sizes=()), "anchor_sizes is empty"),
+        (dict(architecture="c4", mask_pool_size=13), "mask_pool_size must be even"),
     ],
 )
 def test_bad_values_are_value_errors(changes, message):
@@ -40,6 +44,12 @@ def test_bad_values_are_value_errors(changes, message):
         MaskRCNNConfig(**changes)
     with pytest.raises(ValueError, match=message):
         shapes_small().replace(**changes)  # replace validates too
+
+
+def test_architecture_replaces_the_fpn_flag():
+    assert MaskRCNNConfig().architecture == "fpn" and not hasattr(MaskRCNNConfig(), "fpn")
+    c4 = MaskRCNNConfig(architecture="c4", anchor_sizes=(32, 64, 128))  # one level: any number of sizes
+    assert c4.anchor_sizes == (32, 64, 128)
 
 
 def test_config_is_frozen_and_replace_copies():
