@@ -29,6 +29,9 @@ class MaskRCNNConfig:
     architecture: Literal["fpn", "c4", "c5"] = "fpn"
     fpn_channels: int = 256
     trainable_stages: int = 3  # layer2..layer4 train, stem and layer1 stay frozen (paper: frozen BN, ImageNet init)
+    # Frozen batch norm folded into the convolutions and a channels-last batch (mrcnn/fuse.py):
+    # about 1.3x faster convolutions on a CPU, equal to float rounding; False gives torchvision's bits
+    fast_convolutions: bool = True
 
     # --- anchors and RPN (section 3, "Faster R-CNN"; FPN paper for the sizes) -------------
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one size per level P2..P6 (C4, C5: all at the one level)

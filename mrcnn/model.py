@@ -21,6 +21,7 @@ Shapes follow the book's legend: N images, C channels, K classes, R RoIs, D dete
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from mrcnn.anchors import AnchorGenerator
@@ -29,6 +30,7 @@ from mrcnn.backbone import ResNet, resnet50, resnet101, resnet_small
 from mrcnn.box_head import BoxBranch
 from mrcnn.config import MaskRCNNConfig
 from mrcnn.fpn import FeaturePyramidNetwork
+from mrcnn.fuse import fold_frozen_batchnorm
 from mrcnn.inference import paste_detection_masks
 from mrcnn.keypoint_head import KeypointBranch, KeypointHead, KeypointPredictor
 from mrcnn.mask_head import MaskBranch
@@ -60,6 +62,8 @@ class MaskRCNN(nn.Module):
             config.min_size, config.max_size, config.image_mean, config.image_std, config.size_divisible
         )
         self.backbone = build_backbone(config)
+        if config.fast_convolutions:
+            fold_frozen_batchnorm(self.backbone)  # conv(x, w * scale) + bias: one pass instead of three
         self.fpn = None
         if config.architecture == "fpn":
             self.fpn = FeaturePyramidNetwork(self.backbone.out_channels, config.fpn_channels, extra_max_pool=True)
@@ -124,6 +128,8 @@ class MaskRCNN(nn.Module):
             self.check_labels(targets)
         original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
         batch, image_sizes, targets = self.transform(images, targets)  # [N, 3, H_pad, W_pad]
+        if self.config.fast_convolutions:  # the layout oneDNN's CPU convolutions run fastest in
+            batch = batch.contiguous(memory_format=torch.channels_last)
         features, roi_features = self.feature_maps(batch)  # FPN: [P2..P6] and [P2..P5]; C4, C5: [C4] or [C5]
         proposals, rpn_losses = self.rpn(features, image_sizes, tuple(batch.shape[-2:]), targets)
         if self.training:
