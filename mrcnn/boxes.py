@@ -63,13 +63,15 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     check_boxes(boxes2, "boxes2")
     boxes1, boxes2 = _upcast(boxes1), _upcast(boxes2)
     area1, area2 = box_area(boxes1), box_area(boxes2)  # [A], [B]
-    x1 = torch.max(boxes1[:, None, 0], boxes2[None, :, 0])  # [A, B]: the intersection's corners
-    y1 = torch.max(boxes1[:, None, 1], boxes2[None, :, 1])
-    x2 = torch.min(boxes1[:, None, 2], boxes2[None, :, 2])
-    y2 = torch.min(boxes1[:, None, 3], boxes2[None, :, 3])
-    intersection = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)  # [A, B], 0 when apart
+    corners1 = boxes1.T.contiguous()[:, :, None]  # [4, A, 1]: one contiguous row per coordinate,
+    corners2 = boxes2.T.contiguous()[:, None, :]  # [4, 1, B]  so the [A, B] operations vectorize
+    x1 = torch.max(corners1[0], corners2[0])  # [A, B]: the intersection's corners
+    y1 = torch.max(corners1[1], corners2[1])
+    x2 = torch.min(corners1[2], corners2[2])
+    y2 = torch.min(corners1[3], corners2[3])
+    intersection = (x2 - x1).clamp_(min=0) * (y2 - y1).clamp_(min=0)  # [A, B], 0 when apart
     # IoU = |a ∩ b| / (|a| + |b| - |a ∩ b|)
-    union = area1[:, None] + area2[None, :] - intersection  # [A, B]
+    union = (area1[:, None] + area2[None, :]).sub_(intersection)  # [A, B]
     return intersection / union
 
 
@@ -163,8 +165,22 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, block_size: int = 2
 
     boxes `[B, 4]`, scores `[B]`. A box is dropped when a kept box with a higher score (or the
     same score and a lower index: the sort is stable) overlaps it with IoU > `iou_threshold`.
-    The IoU of every ordered pair is computed once, in blocks of `block_size` rows to bound the
-    memory; then one pass in score order keeps or drops each box, looking up a boolean row.
+
+    With the boxes ranked by score and `S[i, j]` true when box `i` overlaps the lower-ranked box
+    `j` too much, the greedy rule is a triangular system
+
+        keep[j] = not any_{i < j} (keep[i] and S[i, j]),
+
+    solved here a block of `block_size` boxes at a time, with no Python step per box:
+
+    1. Inside a block, among the boxes still alive, iterate `keep <- alive and not any_i (keep[i]
+       and S[i, j])` from `keep = alive`. After `t` rounds the first `t` boxes are right (box `j`
+       only looks at boxes before it), so the iteration stops at the greedy answer, in practice
+       after a few rounds (this is Cluster-NMS, Zheng et al. 2020).
+    2. The block's kept boxes then drop the boxes they overlap among the later ones still alive.
+
+    IoUs are computed only between alive boxes (a dropped box suppresses nothing), which is what
+    makes this fast when many boxes overlap, as the RPN's proposals do.
     """
     check_boxes(boxes)
     if scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
@@ -172,23 +188,34 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, block_size: int = 2
     num_boxes = boxes.shape[0]
     order = scores.sort(descending=True, stable=True).indices  # [B], best first
     ordered = boxes[order]  # [B, 4]
-    # suppresses[i, j]: box i (ranked higher) would drop box j (ranked lower), for j > i only.
-    # The IoU is compared in float64, as torchvision's kernel compares its float IoU to a double.
-    suppresses = torch.zeros(num_boxes, num_boxes, dtype=torch.bool, device=boxes.device)  # [B, B]
-    for start in range(0, num_boxes, block_size):
-        rows = slice(start, start + block_size)
-        iou = box_iou(ordered[rows], ordered[start:])  # [block, B - start]
-        suppresses[rows, start:] = iou.double() > iou_threshold
-    suppresses = suppresses.triu(diagonal=1).cpu()  # the greedy pass below is sequential
+    # torchvision compares its float IoU to the threshold as a double: IoU > t in float64 is
+    # IoU > t' in the boxes' dtype, with t' the largest value of that dtype not above t
+    threshold = torch.tensor(iou_threshold, dtype=torch.float64)
+    threshold_low = threshold.to(_upcast(boxes).dtype)
+    if threshold_low.double() > threshold:
+        threshold_low = torch.nextafter(threshold_low, torch.tensor(-math.inf, dtype=threshold_low.dtype))
+    threshold_low = float(threshold_low)
 
-    dropped = torch.zeros(num_boxes, dtype=torch.bool)  # [B]
-    kept = []
-    for i in range(num_boxes):  # visit in decreasing score; one row lookup per kept box
-        if not dropped[i]:
-            kept.append(i)
-            dropped |= suppresses[i]
-    kept = torch.tensor(kept, dtype=torch.int64, device=boxes.device)  # [D], positions in `order`
-    return order[kept]
+    alive = torch.ones(num_boxes, dtype=torch.bool, device=boxes.device)  # [B], in rank order
+    for start in range(0, num_boxes, block_size):
+        end = min(start + block_size, num_boxes)
+        candidates = start + torch.where(alive[start:end])[0]  # [c]: not dropped by an earlier block
+        block = ordered[candidates]  # [c, 4]
+        within = (box_iou(block, block) > threshold_low).triu(diagonal=1)  # [c, c]: S[i, j], i < j
+        kept = torch.ones(candidates.shape[0], dtype=torch.bool, device=boxes.device)  # [c]
+        while True:  # step 1: keep[j] = not any_i keep[i] S[i, j]
+            updated = ~within[kept].any(dim=0)  # [c]
+            if torch.equal(updated, kept):
+                break
+            kept = updated
+        alive[candidates[~kept]] = False
+        later = end + torch.where(alive[end:])[0]  # [l]
+        if later.numel() == 0:
+            continue
+        # step 2: the kept boxes of the block drop the later boxes they overlap
+        dropped = (box_iou(block[kept], ordered[later]) > threshold_low).any(dim=0)  # [l]
+        alive[later[dropped]] = False
+    return order[torch.where(alive)[0]]  # [D], best first
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
