@@ -25,7 +25,6 @@ from pathlib import Path
 
 from mrcnn.config import PRESETS
 
-TEMPORARY_QUICK_DEMO = True
 METRIC_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
@@ -207,6 +206,15 @@ def run_training(args: argparse.Namespace, dataset, output_dir: Path) -> tuple:
     device = choose_device(args.device)
     set_threads(args.threads)
     model, _, _ = load_weights(args.weights, args.config, dataset.num_classes)
+    if getattr(args, "backbone_weights", None) is not None:  # the paper's ImageNet initialization
+        from mrcnn.weights import load_torchvision_resnet_backbone
+
+        if not args.backbone_weights.is_file():
+            raise UsageError(f"--backbone-weights {args.backbone_weights} does not exist")
+        try:
+            load_torchvision_resnet_backbone(model, args.backbone_weights)
+        except ValueError as error:
+            raise UsageError(f"--backbone-weights: {error}") from None
     if model.config.num_classes != dataset.num_classes:
         raise UsageError(f"the model has {model.config.num_classes} classes, the data set {dataset.num_classes}")
     settings = settings_from_args(args, len(dataset))
@@ -229,7 +237,7 @@ def run_train(args: argparse.Namespace) -> int:
     directory = output_directory(args.output_dir)
     dataset = open_dataset(args.data, args.split, train=True)
     _, summary = run_training(args, dataset, directory)
-    if summary.get("final"):
+    if summary["rank"] == 0 and summary["final"]:  # under torchrun, the first process reports
         from mrcnn.train import read_log
         from mrcnn.visualize import loss_curve_figure
 
@@ -260,6 +268,8 @@ def add_train_command(subcommands) -> None:
     parser.add_argument("--data", type=Path, default=Path("data/shapes"), help="data set root (default data/shapes)")
     parser.add_argument("--split", default="train", help="the training split (default train)")
     add_common_options(parser, "initial weights (default: random, from --config)", output="runs/train")
+    parser.add_argument("--backbone-weights", type=Path, default=None,
+                        help="a torchvision ImageNet resnet50/resnet101 state dict for the backbone (the paper's initialization)")  # fmt: skip
     add_training_options(parser)
     parser.set_defaults(run=run_train)
 
@@ -340,17 +350,6 @@ def add_demo_command(subcommands) -> None:
                         clip_grad_norm=DEMO_DEFAULTS["clip_grad_norm"], threads=DEMO_DEFAULTS["threads"])  # fmt: skip
 
 
-def run_roi_align_figure(args: argparse.Namespace) -> int:
-    """TEMPORARY (until tests/test_roi_align.py calls the full demo with tiny settings): the RoIAlign figure only."""
-    directory = output_directory(args.output_dir)
-    from mrcnn.visualize import roi_align_figure
-
-    path = directory / "roi_align.png"
-    roi_align_figure().savefig(path, dpi=120)
-    print(f"RoIAlign figure (sampling points over a feature grid, RoIPool vs RoIAlign): {path}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mrcnn", description="Mask R-CNN, read and run.")
     subcommands = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command", required=True, parser_class=_Parser)
@@ -359,11 +358,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_command(subcommands)
     add_predict_command(subcommands)
     add_demo_command(subcommands)
-    if TEMPORARY_QUICK_DEMO:
-        subcommands.choices["full-demo"] = subcommands.choices.pop("demo")
-        quick = subcommands.add_parser("demo", help="the RoIAlign figure")
-        quick.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
-        quick.set_defaults(run=run_roi_align_figure)
     return parser
 
 

@@ -325,6 +325,6 @@ def train(model: nn.Module, dataset, settings: TrainSettings, output_dir: str | 
     bar.close()
     seconds = time.perf_counter() - run_started
     images = (settings.iterations - start_step) * settings.batch_size
-    return {"steps": settings.iterations, "resumed_from": start_step, "seconds": seconds,
+    return {"steps": settings.iterations, "resumed_from": start_step, "seconds": seconds, "rank": rank,
             "images_per_second": images / max(seconds, 1e-9), "final": records[-1] if records else None,
             "checkpoint": str(checkpoint_path), "log": str(log_path)}  # fmt: skip

@@ -91,6 +91,8 @@ def torchvision_to_ours(state_dict: StateDict, model: MaskRCNN) -> tuple[StateDi
 
 def _load_strictly(module: torch.nn.Module, state_dict: StateDict, unused: list[str], source: str) -> None:
     expected = module.state_dict()
+    # a trainable batch norm's step counter is no weight: torchvision's import drops it, the module keeps its own
+    state_dict = {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked")}, **state_dict}
     missing = sorted(k for k in expected if k not in state_dict)
     unexpected = sorted(k for k in state_dict if k not in expected)
     wrong_shape = sorted(

@@ -11,10 +11,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from mrcnn.checkpoint import load_checkpoint
-from mrcnn import cli
 from mrcnn.cli import main
-
-DEMO = "full-demo" if cli.TEMPORARY_QUICK_DEMO else "demo"  # TEMPORARY
 
 TINY_TRAINING = ["--iterations", "2", "--batch-size", "2", "--threads", "1", "--device", "cpu"]
 
@@ -93,7 +90,7 @@ def test_predict_draws_and_writes_json_and_converts_grayscale_and_rgba(shapes, t
 
 
 def test_demo_runs_end_to_end_and_says_where_it_wrote(tmp_path, capsys):
-    argv = [DEMO, "--output-dir", str(tmp_path), "--num-train", "4", "--num-val", "2", *TINY_TRAINING]
+    argv = ["demo", "--output-dir", str(tmp_path), "--num-train", "4", "--num-val", "2", *TINY_TRAINING]
     assert main(argv) == 0
     out = capsys.readouterr().out
     for name in ("metrics.json", "loss_curve.png", "predictions.png", "roi_align.png", "demo.json", "train/checkpoint.pt"):
@@ -103,7 +100,7 @@ def test_demo_runs_end_to_end_and_says_where_it_wrote(tmp_path, capsys):
     assert report["mask_AP"] == json.loads((tmp_path / "metrics.json").read_text())["segm"]["AP"]
 
 
-@pytest.mark.parametrize("command", ["shapes", "train", "evaluate", "predict", DEMO])
+@pytest.mark.parametrize("command", ["shapes", "train", "evaluate", "predict", "demo"])
 def test_every_command_has_help(command, capsys):
     assert main([command, "--help"]) == 0
     assert "usage: mrcnn " in capsys.readouterr().out
@@ -144,3 +141,48 @@ def test_python_dash_m_and_the_console_script_are_the_same_command():
     assert result.returncode == 0 and "shapes" in result.stdout and "demo" in result.stdout
     result = subprocess.run([sys.executable, "-m", "mrcnn", "evaluate", "--weights"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("mrcnn: error:") and result.stderr.count("\n") == 1
+
+
+def _as_torchvision_resnet(backbone_state: dict) -> dict:
+    """Our backbone's state dict under torchvision's ResNet names (the inverse of the import's map)."""
+    from mrcnn.backbone import torchvision_resnet_key
+
+    names = {}
+    for stage in range(1, 5):
+        for block in range(8):
+            for a in ("conv1", "conv2", "conv3", "bn1", "bn2", "bn3", "downsample.0", "downsample.1"):
+                names[torchvision_resnet_key(f"layer{stage}.{block}.{a}.weight")[: -len(".weight")]] = f"layer{stage}.{block}.{a}"
+    names.update({"stem.conv": "conv1", "stem.norm": "bn1"})
+    tv = {}
+    for key, value in backbone_state.items():
+        module, leaf = key.rsplit(".", 1)
+        tv[f"{names[module]}.{leaf}"] = value
+    return tv
+
+
+def test_train_starts_from_an_imagenet_backbone_file(shapes, tmp_path, capsys):
+    """--backbone-weights loads a torchvision ResNet state dict into the backbone before training."""
+    from mrcnn.config import shapes_small
+    from mrcnn.model import MaskRCNN
+
+    generator = torch.Generator().manual_seed(3)
+    donor = MaskRCNN(shapes_small()).backbone.state_dict()
+    donor = {k: (torch.randn(v.shape, generator=generator) if v.is_floating_point() and "running_var" not in k else v)
+             for k, v in donor.items()}  # fmt: skip
+    path = tmp_path / "resnet_small.pth"
+    torch.save({**_as_torchvision_resnet(donor), "fc.weight": torch.zeros(10, 8), "fc.bias": torch.zeros(10)}, path)
+    output = tmp_path / "run"
+    argv = ["train", "--data", str(shapes), "--output-dir", str(output), "--backbone-weights", str(path),
+            "--lr", "1e-12", *TINY_TRAINING]  # fmt: skip
+    assert main(argv) == 0
+    trained = load_checkpoint(output / "checkpoint.pt")["model"]
+    torch.testing.assert_close(trained["backbone.stem.conv.weight"], donor["stem.conv.weight"])
+    capsys.readouterr()  # the progress bars of that run
+
+    other = ["train", "--data", str(shapes), "--output-dir", str(tmp_path / "other"), *TINY_TRAINING]
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"conv1.weight": torch.zeros(3)}, wrong)
+    error = _one_line_error([*other, "--backbone-weights", str(wrong)], capsys)
+    assert "--backbone-weights" in error and "does not fit the model" in error
+    error = _one_line_error([*other, "--backbone-weights", str(tmp_path / "nope.pth")], capsys)
+    assert "nope.pth does not exist" in error

@@ -433,16 +433,20 @@ def test_matches_torchvision_multi_scale_roi_align():
         torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
 
 
-# --- the demonstration figure and the command that writes it -------------------------------------
+# --- the demonstration figure (the demo writes it) and the command line ---------------------------
 
 
-def test_demo_command_writes_the_roi_align_figure(tmp_path, capsys):
-    from mrcnn.cli import main
+def test_roi_align_figure_draws_roipool_and_roialign_side_by_side(tmp_path):
+    """The figure the demo writes (roi_align.png): two panels, RoIPool's bins and RoIAlign's samples."""
+    from mrcnn.visualize import roi_align_figure
 
-    assert main(["demo", "--output-dir", str(tmp_path / "demo")]) == 0
-    figure = tmp_path / "demo" / "roi_align.png"
-    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert str(figure) in capsys.readouterr().out
+    figure = roi_align_figure()
+    assert len(figure.axes) >= 2
+    titles = " ".join(axes.get_title() for axes in figure.axes)
+    assert "RoIPool" in titles and "RoIAlign" in titles
+    path = tmp_path / "roi_align.png"
+    figure.savefig(path, dpi=60)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("argv, message", [
