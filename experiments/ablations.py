@@ -174,6 +174,26 @@ def finished(output_dir: Path, arm: str, seed: int, settings: dict) -> dict | No
     return record if record.get("settings") == settings else None
 
 
+def code_version() -> dict:
+    """Which code trained: the `mrcnn` package's folder and its commit (a `COMMIT` file next to a
+    snapshot made with `git archive`, else the repository's HEAD and whether `mrcnn/` had edits)."""
+    import subprocess
+
+    import mrcnn
+
+    package = Path(mrcnn.__file__).resolve().parent
+    stamp = package.parent / "COMMIT"
+    if stamp.is_file():
+        return {"mrcnn": str(package), "commit": stamp.read_text().strip(), "snapshot": True}
+    git = ["git", "-C", str(package.parent)]
+    try:
+        commit = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        edits = subprocess.run(git + ["status", "--porcelain", "mrcnn"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {"mrcnn": str(package), "commit": None, "snapshot": False}
+    return {"mrcnn": str(package), "commit": commit, "snapshot": False, "uncommitted_edits": bool(edits.strip())}
+
+
 def run_one(arm: str, seed: int, args: argparse.Namespace) -> dict:
     """Train arm `arm` with seed `seed`, score it on the held-out shapes, write its record atomically."""
     import torch
@@ -207,7 +227,7 @@ def run_one(arm: str, seed: int, args: argparse.Namespace) -> dict:
         "final_losses_mean_last_50": {k: sum(r[k] for r in last) / len(last) for k in last[-1] if k.startswith("loss")},
         "load_average_before": [round(v, 2) for v in load_before],
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "code": code_version(),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }  # fmt: skip
     path = record_path(args.output_dir, arm, seed)
@@ -353,6 +373,7 @@ def write_summary(args: argparse.Namespace, arms: list[str], errors: dict) -> di
                     "processes": args.processes},  # fmt: skip
         "settings": {**settings, "seeds": args.seeds},
         "data": {"num_train": args.num_train, "num_val": args.num_val, "seed": args.data_seed},
+        "code_commits": sorted({str(r.get("code", {}).get("commit")) for r in records}),
         "ap_unit": "percent",
         "missing_runs": missing,
         **result,
