@@ -19,7 +19,8 @@
 # in `mrcnn/rpn.py`, `mrcnn/box_head.py` and `mrcnn/mask_loss.py`, `mrcnn/checkpoint.py`.
 # **Proof:** `tests/test_train.py` (the schedule, the data order, a few steps lower the loss, a
 # resumed run equals an uninterrupted one, a non-finite loss stops the run),
-# `tests/test_ddp.py` (two processes give the weights of one), `tests/test_checkpoint.py`.
+# `tests/test_ddp.py` (two processes give the weights of one), `tests/test_checkpoint.py`,
+# `tests/test_determinism.py` (the same seed gives the same bits).
 #
 # Mask R-CNN is trained end to end with one objective. "Formally, during training, we define
 # a multi-task loss on each sampled RoI as $L = L_{cls} + L_{box} + L_{mask}$." The region
@@ -216,7 +217,35 @@ for whole, resumed in zip(read_log(run_dir / "whole" / "log.jsonl"), read_log(ru
 # %% [markdown]
 # (The stopped run had a schedule of 3 steps, with the same warm-up as the 6-step run and no
 # decay within either, so its learning rates are those of the first 3 steps of the long run.)
+
+# %% [markdown]
+# ## Deterministic by choice
 #
+# "The same seed gives the same run" also needs every sum to be added in the same order each
+# time. One sum is at risk: RoIAlign's backward pass, where every sample of every RoI adds its
+# share of the gradient into four feature pixels, and many RoIs share pixels. A GPU kernel does
+# this with atomic additions, whose order changes from run to run, so the gradients (and then
+# the weights) differ in their last bits. With `torch.use_deterministic_algorithms(True)` the
+# Triton path (`kernels/roi_align_deterministic.py`) instead sorts the contributions by
+# destination pixel and adds each pixel's in a fixed order; the CPU path is ordered that way
+# always (`mrcnn/roi_align_cpu.py`: a stable sort, then one bag per pixel). The whole short run
+# above, repeated in deterministic mode, gives the same losses to the last bit
+# (`tests/test_determinism.py` holds this, with two threads; `benchmarks/determinism.py`
+# measures what it costs):
+
+# %%
+torch.use_deterministic_algorithms(True)
+try:
+    torch.manual_seed(0)
+    train(MaskRCNN(tiny), pictures, short, run_dir / "deterministic", progress=False)
+finally:
+    torch.use_deterministic_algorithms(False)
+repeated = [r["loss"] for r in read_log(run_dir / "deterministic" / "log.jsonl")]
+first = [r["loss"] for r in read_log(run_dir / "whole" / "log.jsonl")]
+print("the same losses, bit for bit:", repeated == first)
+assert repeated == first
+
+# %% [markdown]
 # ## The loop
 #
 # The library's training function, as it runs: the per-image losses, DistributedDataParallel
