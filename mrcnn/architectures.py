@@ -12,7 +12,9 @@ run per RoI (`mrcnn.backbone.res5_head`, stride 2 in its first block), shared by
     RoI 14 x 14 x 1024 -> res5 -> 7 x 7 x 2048 -> average pool -> 2048 -> class scores [R, K], box deltas [R, 4K]
                                                -> deconv 2x2 /2, 256, ReLU -> 14 x 14 -> conv 1x1 -> mask logits [R, K, 14, 14]
 
-so M = 14. Half of a ResNet's compute sits in res5 of a per-RoI head: this head is heavy.
+so M = 14. The head is heavy: res5 costs 1.6 GFLOPs per RoI, and on the paper's 300 test
+proposals about four times the whole trunk of an 800 x 1216 image (the chapter
+book/03_4_network_architecture.py measures it on the meta device).
 
 **ResNet-FPN** (`architecture="fpn"`, Figure 4 right, the default). The RoIs are pooled from the
 pyramid level of their size (P2..P5, 256 channels), and the head is light:
@@ -123,7 +125,7 @@ def c4_heads(config: MaskRCNNConfig, in_channels: int) -> Heads:
     mask_features = Res5Head(res5)  # [R, C5, M/2, M/2]
     if config.mask_head == "mlp":  # Table 2e on C4: the MLP reads res5's output
         hidden = (config.representation_size,) * 2
-        mask_head = nn.Sequential(mask_features, MLPMaskHead(res5_channels, config.mask_pool_size // 2, hidden))
+        mask_head = nn.Sequential(mask_features, MLPMaskHead(res5_channels, config.mask_pool_size // 2, hidden))  # 7 x 7 in
         mask_predictor = MLPMaskPredictor(hidden[-1], num_masks, config.mask_pool_size)
     else:
         mask_head, mask_predictor = mask_features, MaskPredictor(res5_channels, config.mask_predictor_channels, num_masks)

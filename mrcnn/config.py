@@ -132,13 +132,15 @@ def detectron2_r50_fpn_1x(num_classes: int = 81) -> MaskRCNNConfig:
 
 def paper_r50_c4(num_classes: int = 81) -> MaskRCNNConfig:
     """The paper's ResNet-50-C4 Mask R-CNN (Figure 4 left; the model of most of Table 2): one stride-16
-    map, res5 as the head, 14 x 14 masks. Section 3.1: "N is 64 for the C4 backbone" RoIs per image;
-    the RPN's 12000 / 6000 candidates before NMS are Detectron's C4 settings."""
+    map, res5 as the head, 14 x 14 masks. Section 3.1: "N is 64 for the C4 backbone" RoIs per image
+    in training, and "the proposal number is 300 for the C4 backbone" at test time; the RPN's
+    12000 / 6000 candidates before NMS are Detectron's C4 settings."""
     return MaskRCNNConfig(
         num_classes=num_classes,
         architecture="c4",
         rpn_pre_nms_top_n_train=12000,
         rpn_pre_nms_top_n_test=6000,
+        rpn_post_nms_top_n_test=300,
         box_batch_size_per_image=64,
     )
 

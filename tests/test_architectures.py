@@ -48,6 +48,7 @@ def test_presets_are_registered_for_the_command_line():
     assert PRESETS["shapes_small_c5"]().architecture == "c5"
     assert PRESETS["paper_r50_c4"]() == paper_r50_c4()
     assert paper_r50_c4().box_batch_size_per_image == 64  # section 3.1: "N is 64 for the C4 backbone"
+    assert paper_r50_c4().rpn_post_nms_top_n_test == 300  # "the proposal number is 300 for the C4 backbone"
 
 
 @pytest.mark.parametrize("architecture, strides, channels, anchors", [("fpn", [4, 8, 16, 32, 64], 64, 3),
@@ -179,3 +180,14 @@ def test_c4_overfits_one_image():
     last = sum(sum(h.values()) for h in history[-5:]) / 5  # the mean of the last five steps
     assert last < first / 3, (first, last, os.getloadavg())
     assert sum(h["loss_mask"] for h in history[-5:]) / 5 < history[0]["loss_mask"] / 2
+
+
+@pytest.mark.parametrize("architecture", ["c4", "c5"])
+def test_keypoint_branch_reads_the_one_map(architecture):
+    config = ARCHITECTURES[architecture]().replace(num_keypoints=5, keypoint_head_channels=(16,) * 2)
+    model = MaskRCNN(config).eval()
+    assert model.keypoint_branch.pooler.strides == ((16,) if architecture == "c4" else (32,))
+    with torch.no_grad():
+        _, roi_features = model.feature_maps(torch.rand(1, 3, 128, 128))
+        logits = model.keypoint_branch.keypoint_logits(roi_features, [torch.tensor([[8.0, 8.0, 70.0, 90.0]])])
+    assert logits.shape == (1, 5, 56, 56)  # J maps of 56 x 56, as with FPN
