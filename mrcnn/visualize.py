@@ -212,7 +212,7 @@ def training_samples_figure(model, image: torch.Tensor, target: dict, seed: int 
     try:
         with torch.no_grad():
             batch, sizes, targets = model.transform([image], [target])  # [1, 3, H', W']
-            features = model.fpn(model.backbone(batch))
+            features, _ = model.feature_maps(batch)  # the maps the RPN reads: P2..P6, or C4 / C5 alone
             anchors_per_level, objectness, _, proposals = model.rpn.predict(features, tuple(batch.shape[-2:]))
             anchors = torch.cat(anchors_per_level)  # [T, 4]
             anchor_labels, _ = model.rpn.assign_targets(anchors, targets)

@@ -191,3 +191,12 @@ def test_keypoint_branch_reads_the_one_map(architecture):
         _, roi_features = model.feature_maps(torch.rand(1, 3, 128, 128))
         logits = model.keypoint_branch.keypoint_logits(roi_features, [torch.tensor([[8.0, 8.0, 70.0, 90.0]])])
     assert logits.shape == (1, 5, 56, 56)  # J maps of 56 x 56, as with FPN
+
+
+@pytest.mark.parametrize("architecture", ["c4", "c5"])
+def test_training_samples_figure_draws_single_map_models(architecture):
+    from mrcnn.visualize import training_samples_figure
+
+    image, target = shapes_image()
+    figure = training_samples_figure(MaskRCNN(ARCHITECTURES[architecture]()), image, target)
+    assert len(figure.axes) == 3
