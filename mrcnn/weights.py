@@ -136,10 +136,14 @@ def load_torchvision_resnet_backbone(model: MaskRCNN, path_or_state_dict: str | 
     """Fill `model.backbone` with an ImageNet ResNet-50/101 of torchvision (the classifier `fc` is dropped).
 
     This is the paper's initialization (section 3.1: "ImageNet-pretrained"); the FPN and heads
-    keep their random initialization.
+    keep their random initialization. In the C4 model (`architecture="c4"`) the trunk stops at
+    res4 and res5 is the head of both branches (paper Figure 4, left): the file's res5 fills it.
     """
     source = str(path_or_state_dict) if not isinstance(path_or_state_dict, dict) else "state dict"
     state_dict = _as_state_dict(path_or_state_dict)
     renamed = from_torchvision_resnet(state_dict)  # every key but fc.* gets a name of ours
+    if model.config.architecture == "c4":  # res5 is the shared head: box_branch.head.res5 (= mask_branch.head.res5)
+        res5 = {key[len("res5."):]: renamed.pop(key) for key in [k for k in renamed if k.startswith("res5.")]}
+        _load_strictly(model.box_branch.head.res5, res5, [], source)
     _load_strictly(model.backbone, renamed, [], source)
     return model

@@ -100,6 +100,21 @@ def test_imagenet_resnet_into_backbone(small_torchvision_model):
         load_torchvision_resnet_backbone(model, resnet)
 
 
+def test_imagenet_resnet_into_the_c4_model_fills_its_res5_head(small_torchvision_model):
+    from mrcnn.config import paper_r50_c4
+
+    tv = torchvision_named_state_dict(small_torchvision_model)
+    resnet = {k[len("backbone.body."):]: v.clone() + 1 for k, v in tv.items() if k.startswith("backbone.body.")}
+    model = MaskRCNN(paper_r50_c4(num_classes=3))
+    load_torchvision_resnet_backbone(model, resnet)
+    assert torch.equal(model.backbone.res4[5].conv3.weight, resnet["layer3.5.conv3.weight"])
+    assert torch.equal(model.box_branch.head.res5[2].conv3.weight, resnet["layer4.2.conv3.weight"])
+    assert torch.equal(model.mask_branch.head.res5[0].shortcut.norm.running_var, resnet["layer4.0.downsample.1.running_var"])
+    del resnet["layer4.1.conv2.weight"]
+    with pytest.raises(ValueError, match="missing"):
+        load_torchvision_resnet_backbone(model, resnet)
+
+
 # --- the same detections as torchvision ---------------------------------------------------------
 
 
