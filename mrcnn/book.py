@@ -1,9 +1,30 @@
-"""Helpers for the book's notebooks: show the library's real code, never a pasted copy."""
+"""Helpers for the book's notebooks: show the library's real code, never a pasted copy, and
+give the chapters that look at a *trained* model (inference, inspection) one to look at.
+
+`trained_shapes_model()` returns the `shapes_small` model of the demo (`make demo` writes
+`runs/demo/train/checkpoint.pt`) when it is there. On a fresh checkout it trains one instead,
+briefly (a fixed number of steps with a fixed seed, on generated shapes images, about half a
+minute on one CPU thread), and keeps it in `runs/book/` so that the next chapter reuses it.
+Such a short run detects the shapes but draws their masks only roughly; the demo's ten
+minutes do much better.
+"""
 
 from __future__ import annotations
 
 import inspect
+import os
+import shutil
+import tempfile
 import textwrap
+import time
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[1]  # the checkout that holds mrcnn/ (an editable install)
+DEMO_CHECKPOINT = REPOSITORY / "runs" / "demo" / "train" / "checkpoint.pt"
+BOOK_RUNS = REPOSITORY / "runs" / "book"
+
+# The short run of a fresh checkout (to be measured).
+BOOK_TRAINING = {"num_images": 300, "iterations": 120, "batch_size": 2, "lr": 0.02, "seed": 0}
 
 
 def source(obj) -> str:
@@ -27,3 +48,76 @@ def show_source(*objects) -> None:
         print(text)
     else:
         display(Markdown(f"```python\n{text}\n```"))
+
+
+def _load(path: Path):
+    """The `MaskRCNN` of a training checkpoint, in evaluation mode, and the steps it was trained."""
+    from mrcnn.checkpoint import config_from_checkpoint, load_checkpoint, load_model_state
+    from mrcnn.model import MaskRCNN
+
+    checkpoint = load_checkpoint(path)
+    model = MaskRCNN(config_from_checkpoint(checkpoint, path))
+    load_model_state(model, checkpoint, path)
+    return model.eval(), checkpoint["step"]
+
+
+def trained_shapes_model(demo_checkpoint: str | os.PathLike | None = DEMO_CHECKPOINT,
+                         cache_dir: str | os.PathLike = BOOK_RUNS, num_images: int = BOOK_TRAINING["num_images"],
+                         iterations: int = BOOK_TRAINING["iterations"], batch_size: int = BOOK_TRAINING["batch_size"],
+                         lr: float = BOOK_TRAINING["lr"], seed: int = BOOK_TRAINING["seed"]):  # fmt: skip
+    """A `shapes_small` Mask R-CNN trained on the synthetic shapes, in evaluation mode; prints where it came from.
+
+    1. the demo's model, when `demo_checkpoint` exists (None: never);
+    2. else the book's own, when `cache_dir` holds one trained with these settings;
+    3. else it trains one: `iterations` SGD steps of `batch_size` images drawn from `num_images`
+       generated shapes images (`ShapesDataset`, seed `seed`), the paper's warm-up and momentum
+       at rate `lr`, and keeps it in `cache_dir`, written atomically (a temporary folder, then a
+       rename), so that an interrupted run never leaves half a file for the next chapter.
+
+    The defaults are a compromise between a chapter that runs in a minute and a model that
+    detects something: BOOK_TRAINING records what they cost and give.
+    """
+    from mrcnn.checkpoint import CheckpointError
+    from mrcnn.config import shapes_small
+    from mrcnn.data.shapes import ShapesDataset
+    from mrcnn.model import MaskRCNN
+    from mrcnn.train import TrainSettings, train
+
+    if demo_checkpoint is not None and Path(demo_checkpoint).is_file():
+        model, steps = _load(Path(demo_checkpoint))
+        print(f"the demo's model: {steps} steps, {demo_checkpoint}")
+        return model
+    if min(num_images, iterations, batch_size) < 1 or num_images < batch_size:
+        raise ValueError(f"need num_images >= batch_size >= 1 and iterations >= 1, got num_images={num_images}, "
+                         f"batch_size={batch_size}, iterations={iterations}")  # fmt: skip
+    cache_dir = Path(cache_dir)
+    cached = cache_dir / f"shapes_small_{num_images}images_{iterations}x{batch_size}_lr{lr:g}_seed{seed}.pt"
+    if cached.is_file():
+        try:
+            model, steps = _load(cached)
+            print(f"the book's model, trained earlier: {steps} steps of {batch_size} images, {cached}")
+            return model
+        except CheckpointError as error:  # written by another version of the library: train again
+            print(f"cannot use {cached} ({error}); training again")
+
+    import torch
+
+    settings = TrainSettings(iterations=iterations, batch_size=batch_size, lr=lr, decay_steps=(round(0.8 * iterations),),
+                             warmup_iterations=max(1, iterations // 10), clip_grad_norm=10.0, seed=seed,
+                             checkpoint_every=iterations)  # fmt: skip
+    dataset = ShapesDataset(num_images, seed=seed)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".training-", dir=cache_dir))
+    try:
+        with torch.random.fork_rng():  # the caller's random state is left as it was
+            torch.manual_seed(seed)
+            model = MaskRCNN(shapes_small(ShapesDataset.num_classes))
+            started = time.perf_counter()
+            train(model, dataset, settings, work, progress=False,
+                  metadata={"category_names": list(ShapesDataset.category_names)})  # fmt: skip
+        os.replace(work / "checkpoint.pt", cached)  # atomic: the whole file or the previous state
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"no demo model ({demo_checkpoint}): trained one for {iterations} steps of {batch_size} images "
+          f"in {time.perf_counter() - started:.0f} s, kept in {cached}")  # fmt: skip
+    return model.eval()
