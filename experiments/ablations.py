@@ -50,18 +50,20 @@ class Arm:
     label: str = ""  # how the paper's table names the row
 
 
-# The arms, most important first (the order a sweep runs them in). Shared arms serve several
-# tables: `fpn` is the default model of 2a, 2b, 2e and Table 3; `c4_align` of 2a and 2c.
+# The arms, most important first (the order a sweep runs them in): RoIAlign against RoIPool at
+# both strides, the default model with and without its mask branch (Table 3), sigmoid against
+# softmax, then the rest. Shared arms serve several tables: `fpn` is the default model of 2a,
+# 2b, 2e and Table 3; `c4_align` of 2a and 2c.
 ARMS = {
     "c4_align": Arm("shapes_small_c4", {"roi_pooler": "align"}, "RoIAlign (C4, stride 16)"),
     "c4_pool": Arm("shapes_small_c4", {"roi_pooler": "pool"}, "RoIPool (C4, stride 16)"),
-    "c4_warp": Arm("shapes_small_c4", {"roi_pooler": "warp"}, "RoIWarp (C4, stride 16)"),
     "c5_align": Arm("shapes_small_c5", {"roi_pooler": "align"}, "RoIAlign (C5, stride 32)"),
     "c5_pool": Arm("shapes_small_c5", {"roi_pooler": "pool"}, "RoIPool (C5, stride 32)"),
     "fpn": Arm("shapes_small", {}, "FPN, RoIAlign, sigmoid, class-specific, FCN (the default)"),
-    "fpn_softmax": Arm("shapes_small", {"mask_loss": "softmax"}, "softmax (multinomial masks)"),
-    "fpn_agnostic": Arm("shapes_small", {"class_agnostic_masks": True}, "class-agnostic masks"),
     "faster_fpn": Arm("shapes_small", {"mask": False}, "Faster R-CNN, RoIAlign (no mask branch)"),
+    "fpn_softmax": Arm("shapes_small", {"mask_loss": "softmax"}, "softmax (multinomial masks)"),
+    "c4_warp": Arm("shapes_small_c4", {"roi_pooler": "warp"}, "RoIWarp (C4, stride 16)"),
+    "fpn_agnostic": Arm("shapes_small", {"class_agnostic_masks": True}, "class-agnostic masks"),
     "fpn_mlp": Arm("shapes_small", {"mask_head": "mlp"}, "MLP mask head"),
     "c5_warp": Arm("shapes_small_c5", {"roi_pooler": "warp"}, "RoIWarp (C5, stride 32)"),
 }

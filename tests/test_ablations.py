@@ -83,7 +83,7 @@ def test_unknown_arms_and_tables_are_refused(ablations):
         ablations.arm_config("c4_roialign")
     with pytest.raises(ValueError, match="unknown table"):
         ablations.arms_for(["2f"], None)
-    assert ablations.arms_for(["2c"], ["faster_fpn"]) == ["c4_align", "c4_pool", "c4_warp", "faster_fpn"]
+    assert ablations.arms_for(["2c"], ["faster_fpn"]) == ["c4_align", "c4_pool", "faster_fpn", "c4_warp"]
     assert ablations.arms_for(None, None) == list(ablations.ARMS)
 
 
