@@ -310,7 +310,10 @@ def test_torchvision_keypoint_rcnn_weights_give_the_same_keypoints(tmp_path):
         reference.roi_heads.box_predictor.cls_score.bias.copy_(torch.tensor([0.0, 0.5]))
     path = tmp_path / "keypointrcnn_resnet50_fpn.pth"
     torch.save(reference.state_dict(), path)
-    model = from_torchvision_keypoint_rcnn(path)
+    from mrcnn.config import torchvision_keypointrcnn_resnet50_fpn
+
+    # torchvision's bits need its plain convolutions; the default folds the frozen batch norm (mrcnn/fuse.py)
+    model = from_torchvision_keypoint_rcnn(path, torchvision_keypointrcnn_resnet50_fpn().replace(fast_convolutions=False))
     assert model.config.num_keypoints == 17 and model.mask_branch is None
 
     images = [torch.rand(3, 200, 240, generator=generator)]

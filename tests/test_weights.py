@@ -146,7 +146,8 @@ def test_same_detections_as_torchvision(tmp_path):
         reference.roi_heads.box_predictor.cls_score.bias.copy_(torch.tensor([0.0, 0.5, 0.2]))
     path = tmp_path / "maskrcnn_resnet50_fpn.pth"
     torch.save(reference.state_dict(), path)
-    model = from_torchvision(path)
+    # torchvision's bits need its plain convolutions; the default folds the frozen batch norm (mrcnn/fuse.py)
+    model = from_torchvision(path, torchvision_maskrcnn_resnet50_fpn().replace(fast_convolutions=False))
 
     generator = torch.Generator().manual_seed(2)
     images = [torch.rand(3, 240, 320, generator=generator), torch.rand(3, 300, 200, generator=generator)]
@@ -175,3 +176,16 @@ def test_same_detections_as_torchvision(tmp_path):
         torch.testing.assert_close(ours["masks"], theirs["masks"], atol=5e-4, rtol=1e-3)
         decided = (theirs["masks"] - 0.5).abs() > 1e-3  # untrained masks hover near 0.5
         assert torch.equal((ours["masks"] >= 0.5)[decided], (theirs["masks"] >= 0.5)[decided])
+
+    # the default, folded model: the same features and detections, to float rounding
+    fast = from_torchvision(path)
+    assert fast.config.fast_convolutions
+    with torch.no_grad():
+        fast_features = fast.fpn(fast.backbone(batch))
+        fast_detections = fast(images)
+    for ours, theirs in zip(fast_features, tv_features):
+        assert float((ours - theirs).norm() / theirs.norm()) < 1e-5
+    for ours, theirs in zip(fast_detections, expected):
+        top = min(10, theirs["scores"].shape[0])  # the best-scored ones: far from ties at the NMS threshold
+        torch.testing.assert_close(ours["scores"][:top], theirs["scores"][:top], atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(ours["boxes"][:top], theirs["boxes"][:top], atol=0.1, rtol=1e-3)
