@@ -143,7 +143,7 @@ class BoxCoder:
         heights = boxes[:, 3] - boxes[:, 1]  # P_h [B]
         center_x = boxes[:, 0] + 0.5 * widths  # P_x [B]
         center_y = boxes[:, 1] + 0.5 * heights  # P_y [B]
-        deltas = deltas.reshape(deltas.shape[0], -1, 4)  # [B, k, 4]
+        deltas = deltas.reshape(deltas.shape[0], deltas.shape[1] // 4, 4)  # [B, k, 4], B = 0 included
         w_x, w_y, w_w, w_h = self.weights
         t_x = deltas[:, :, 0] / w_x  # [B, k]
         t_y = deltas[:, :, 1] / w_y
