@@ -166,8 +166,15 @@ class MaskRCNN(nn.Module):
         return pyramid, pyramid[:4]
 
     def check_labels(self, targets: list[dict[str, Tensor]]) -> None:
-        """Raise a `ValueError` naming the image if a label is outside `[1, K)`."""
+        """Raise a `ValueError` naming the image if a label is outside `[1, K)`, or if, in training, a
+        target lacks what a branch learns from ("masks" for the mask branch, "keypoints" for the keypoint branch)."""
+        branches = {"masks": ("mask", self.mask_branch), "keypoints": ("keypoint", self.keypoint_branch)}
+        needed = {field: name for field, (name, branch) in branches.items() if self.training and branch is not None}
         for index, target in enumerate(targets):
+            for field, name in needed.items():
+                if field not in target:
+                    raise ValueError(f"image {index}: training the {name} branch needs target[{field!r}], "
+                                     f"but the target has only {sorted(target)}")  # fmt: skip
             labels = target.get("labels")
             if labels is None or labels.numel() == 0:
                 continue
