@@ -206,6 +206,23 @@ def test_chapter_follows_the_house_plan(chapter):
     assert any(re.match(r"#+\s+What to try next", line) for line in headings), f"{chapter} must end with 'What to try next'"
 
 
+def test_links_between_chapters_point_at_pages_not_sources(mkdocs_config, caplog):
+    """nbconvert leaves `[x](03_3_roi_align.py)` as it is; the hook makes it the chapter's page URL."""
+    from mkdocs.structure.files import File, Files
+
+    hooks = _load_book_hooks()
+    names = ["index.md", "01_introduction.py", "03_3_roi_align.py", "api/mrcnn.md"]
+    files = Files([File(name, str(BOOK), mkdocs_config.site_dir, True) for name in names])
+    files = mkdocs_config.plugins[JUPYTER_PLUGIN_NAME].on_files(files, config=mkdocs_config) or files  # .py: pages
+    page = type("Page", (), {"file": files.get_file_from_path("01_introduction.py")})()
+    html = ('<a href="03_3_roi_align.py#the-kernel">a</a> <a href="api/mrcnn.md">b</a> '
+            '<a href="https://example.org/x.py">c</a> <a href="#top">d</a> <a href="missing.py">e</a>')
+    rewritten = hooks.rewrite_page_links(html, page, files)
+    assert 'href="../03_3_roi_align/#the-kernel"' in rewritten and 'href="../api/mrcnn/"' in rewritten
+    assert 'href="https://example.org/x.py"' in rewritten and 'href="#top"' in rewritten
+    assert 'href="missing.py"' in rewritten and "missing.py, which is not a page" in caplog.text
+
+
 def test_notebook_kernel_is_this_python():
     """`python3`, the kernel the chapters name, starts this very interpreter (the project's venv)."""
     from jupyter_client.kernelspec import KernelSpecManager
@@ -215,6 +232,7 @@ def test_notebook_kernel_is_this_python():
     assert argv0 in {"python", "python3", f"python{sys.version_info[0]}.{sys.version_info[1]}"} or Path(argv0).resolve() == Path(sys.executable).resolve()
 
 
+JUPYTER_PLUGIN_NAME = "mkdocs-jupyter"
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 

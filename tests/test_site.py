@@ -9,7 +9,8 @@ navigation is opened in headless Chromium, driven over the Chrome DevTools Proto
 - the title and a visible heading are there;
 - the math is rendered by the KaTeX shipped with the site: no TeX left in the visible text,
   no KaTeX error, and KaTeX output present on every page whose source has math;
-- every image has loaded (`naturalWidth > 0`);
+- every image has loaded (`naturalWidth > 0`), and every link to another page of the site
+  leads to a page;
 - no JavaScript exception, console error, failed or error response, and no request leaves
   the local server (the site works offline);
 - chapter pages show highlighted code and link a notebook and a source that download.
@@ -370,6 +371,7 @@ PAGE_REPORT_JS = r"""
     notebookCells: content.querySelectorAll(".jupyter-wrapper .jp-Cell").length,
     highlightedTokens: code,
     downloads: Array.from(content.querySelectorAll(".book-downloads a")).map((a) => a.getAttribute("href")),
+    links: Array.from(content.querySelectorAll("a[href]:not(.book-downloads a)")).map((a) => a.href),
     colorScheme: document.body.getAttribute("data-md-color-scheme"),
   };
 })()
@@ -512,6 +514,18 @@ def test_page_renders(page, server, browser):
 
     broken = [image for image in report["images"] if not (image["complete"] and image["naturalWidth"] > 0)]
     assert not broken, f"{source}: images that did not load: {broken}"
+
+    # every link to another page of the site leads to a page (not to a chapter's source, not to a 404)
+    local = sorted({link.split("#")[0] for link in report["links"] if link.startswith(server)} - {url, ""})
+    to_sources = [link for link in local if link.endswith((".py", ".md"))]
+    assert not to_sources, f"{source}: links to source files instead of their pages: {to_sources}"
+    dead = []
+    for link in local:
+        try:
+            urllib.request.urlopen(link, timeout=30).close()
+        except OSError as error:
+            dead.append(f"{link} ({error})")
+    assert not dead, f"{source}: links that lead nowhere: {dead}"
 
     if source.endswith(".py"):
         assert report["notebookCells"] > 0, f"{source}: no notebook cells on the page"

@@ -1,7 +1,7 @@
 """mkdocs hooks that finish the book's site (loaded by mkdocs.yml: `hooks: [tools/book_hooks.py]`).
 
 mkdocs-jupyter executes every chapter (`book/*.py`, jupytext percent format) and renders it
-with nbconvert. Three things are added here:
+with nbconvert. Four things are added here:
 
 1. **A cache that knows the library.** mkdocs-jupyter caches a rendered chapter under a key
    made of the chapter's text and the plugin options. A chapter's output also depends on the
@@ -13,7 +13,12 @@ with nbconvert. Three things are added here:
    tags are removed; the math in chapters is rendered by the KaTeX copy that ships with the
    site (`book/javascripts/math.js`). A chapter page that still loads a script or stylesheet
    from the network is reported as a warning, which fails `mkdocs build --strict`.
-3. **Downloads.** Next to every chapter page the site holds `<chapter>.py` (copied by
+3. **Links between pages.** A chapter's markdown is rendered by nbconvert, not by mkdocs, so a
+   link such as `[RoIAlign](03_3_roi_align.py)` would keep pointing at the source file. Links
+   to another page of the book (a chapter `.py` or a `.md` page) are rewritten to that page's
+   URL, as mkdocs does for markdown pages; a link to a page that does not exist is reported
+   as a warning, which fails `mkdocs build --strict`.
+4. **Downloads.** Next to every chapter page the site holds `<chapter>.py` (copied by
    mkdocs-jupyter's `include_source`) and `<chapter>.ipynb`, written here without outputs;
    the page links both under its title.
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import posixpath
 import re
 import shutil
 from pathlib import Path
@@ -41,6 +47,8 @@ _MATHJAX_BLOCK = re.compile(r"<!-- Load mathjax -->.*?<!-- End of mathjax config
 _MERMAID_SCRIPT = re.compile(r"<script type=\"module\">(?:(?!</script>).)*?mermaid(?:(?!</script>).)*</script>", re.DOTALL)
 _REMOTE_ASSET = re.compile(r"<(?:script|link)\b[^>]*\b(?:src|href)=[\"'](?:https?:)?//[^\"']+", re.IGNORECASE)
 _FIRST_H1_END = re.compile(r"</h1>", re.IGNORECASE)
+# href="NAME.py" or "NAME.md", with an optional #anchor; not a URL with a scheme, not //host, not #anchor alone
+_PAGE_LINK = re.compile(r'href="(?![a-z][a-z0-9+.-]*:|//|#)([^"#?]+\.(?:py|md))(#[^"]*)?"', re.IGNORECASE)
 
 
 def library_fingerprint(root: Path) -> str:
@@ -93,9 +101,24 @@ def _downloads(stem: str) -> str:
     )
 
 
+def rewrite_page_links(html: str, page, files) -> str:
+    """`href="03_3_roi_align.py"` in a chapter page -> the URL of that page, relative to this one."""
+
+    def replace(match: re.Match) -> str:
+        path = posixpath.normpath(posixpath.join(posixpath.dirname(page.file.src_uri), match.group(1)))
+        target = files.get_file_from_path(path)
+        if target is None or not target.is_documentation_page():
+            log.warning("%s links to %s, which is not a page of the book", page.file.src_uri, match.group(1))
+            return match.group(0)
+        return f'href="{target.url_relative_to(page.file)}{match.group(2) or ""}"'
+
+    return _PAGE_LINK.sub(replace, html)
+
+
 def on_page_content(html, page, config, files):
     if not _is_chapter(page):
         return html
+    html = rewrite_page_links(html, page, files)
     html = _MATHJAX_BLOCK.sub("", html)
     html = _MERMAID_SCRIPT.sub("", html)
     for remote in _REMOTE_ASSET.findall(html):
