@@ -288,8 +288,10 @@ print("largest gradient difference:", (results["reference"][1] - results["kernel
 #
 # So the predictor can compute only the channels the loss reads, a batched matrix product,
 # `gathered_mask_logits`: $K$ times less work and memory, forward and backward, and the loss then
-# runs with $K = 1$. (At test time all $K$ masks, or just the predicted class's, are computed as
-# before.)
+# runs with $K = 1$. The mask branch trains this way (`MaskPredictor.class_mask_logits`, called
+# by `MaskBranch.loss`; `tests/test_mask_head.py` checks that the loss and every gradient equal
+# those of the $K$ channels). At test time the mask of the predicted class is read from all $K$,
+# as before.
 
 # %%
 show_source(gathered_mask_logits)

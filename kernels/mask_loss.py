@@ -47,7 +47,7 @@ gather, the loss, its gradient and the scatter.
 
 The bigger saving is upstream: during training the last 1x1 convolution of the mask predictor
 need compute only channel k_r of each RoI (a batched dot product with row k_r of its weight,
-`mrcnn.mask_loss.gathered_mask_logits`). Then no `[R, K, M, M]` tensor exists at all, neither
+`mrcnn.mask_loss.gathered_mask_logits`, which the library's mask branch trains with). Then no `[R, K, M, M]` tensor exists at all, neither
 logits nor gradient, and the predictor's work drops K-fold; this kernel is used with K = 1. At
 R = 512, K = 81, M = 28, C = 256 input channels: the logits and their gradient shrink from 130 MB
 to 1.6 MB each (float32), and the convolution's forward from 8.3 G to 0.10 G multiply-adds

@@ -114,6 +114,15 @@ def test_training_scores_the_positive_rois_only():
     expected = mask_loss(logits, torch.tensor([2, 4]), target)
     assert torch.allclose(losses["loss_mask"], expected)
 
+    # training computes only the channel of each RoI's class: the same loss and gradients as the K channels
+    parameters = list(branch.parameters())
+    gathered_grads = torch.autograd.grad(losses["loss_mask"], parameters, retain_graph=True)
+    for gathered, full in zip(gathered_grads, torch.autograd.grad(expected, parameters, retain_graph=True)):
+        torch.testing.assert_close(gathered, full, rtol=1e-4, atol=1e-6)
+    logits_k = branch.predictor.class_mask_logits(branch.head(branch.pooler(features, boxes_to_rois([positive_boxes]))),
+                                                  torch.tensor([2, 4]))  # fmt: skip
+    torch.testing.assert_close(logits_k, logits[[0, 1], [2, 4]][:, None], rtol=1e-5, atol=1e-5)
+
     # background RoIs do not matter: move them anywhere, the loss stays
     rois.boxes[0][1] = torch.tensor([30.0, 30.0, 60.0, 50.0])
     assert torch.allclose(branch(features, rois, targets)[1]["loss_mask"], expected)
