@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import device_name  # noqa: E402
 from mrcnn.mask_loss import gathered_mask_logits, mask_loss_reference  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -137,18 +137,6 @@ def predictor_rows(device: str, num_rois: int, num_classes: int, size: int, chan
     timings = measure(steps, device, repeats, reset)
     return [{"what": f"predictor {name}", "R": num_rois, "K": num_classes, "M": size, "dtype": "float32", **timing}
             for name, timing in timings.items()]
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def main() -> None:

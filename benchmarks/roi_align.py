@@ -37,7 +37,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -47,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import device_name, versions  # noqa: E402
 from mrcnn.roi_align import MultiLevelRoIAlign, bilinear_neighbours, fpn_level, roi_align_reference, sampling_grid  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -217,28 +217,6 @@ def measure(steps: dict, device: str, repeats: int) -> dict:
         result["median_ms"] = statistics.median(result["times_ms"])
         result["best_ms"] = min(result["times_ms"])
     return results
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def versions() -> dict:
-    found = {"python": platform.python_version(), "torch": torch.__version__}
-    for module in ("triton", "torchvision"):
-        try:
-            found[module] = __import__(module).__version__
-        except ImportError:
-            found[module] = None
-    return found
 
 
 def main(argv=None) -> int:
