@@ -159,3 +159,25 @@ def test_one_arm_end_to_end_writes_a_record_and_is_skipped_the_second_time(ablat
     assert ablations.main(argv) == 0  # everything is there: nothing runs again
     assert "0 runs to do, 1 already finished" in capsys.readouterr().out
     assert ablations.record_path(out, "faster_fpn", 3).stat().st_mtime_ns == written
+
+
+def test_two_way_decoding_of_softmax_masks_compares_the_class_with_the_background_only(ablations):
+    import torch
+
+    from mrcnn.config import shapes_small
+    from mrcnn.model import MaskRCNN
+
+    torch.manual_seed(0)
+    model = MaskRCNN(shapes_small().replace(mask_loss="softmax")).eval()
+    features = [torch.randn(1, 64, 32 // 2**level, 32 // 2**level) for level in range(4)]  # P2..P5 of a 128 x 128 image
+    detections = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [40.0, 30.0, 90.0, 100.0]]), "labels": torch.tensor([1, 3]),
+                   "scores": torch.tensor([0.9, 0.8])}]  # fmt: skip
+    library = model.mask_branch.predict(features, detections)[0]["masks"]  # [D, 1, M, M]
+    logits = model.mask_branch.mask_logits(features, [detections[0]["boxes"]])  # [D, K, M, M]
+    with torch.no_grad(), ablations.two_way_softmax_masks(model):
+        two_way = model.mask_branch.predict(features, detections)[0]["masks"]
+    expected = torch.stack([(logits[d, k] - logits[d, 0]).sigmoid() for d, k in enumerate((1, 3))])[:, None]
+    assert torch.allclose(two_way, expected, atol=1e-6)
+    assert torch.allclose(library, torch.stack([logits[d].softmax(0)[k] for d, k in enumerate((1, 3))])[:, None], atol=1e-6)
+    assert (two_way >= library - 1e-6).all()  # p_k / (p_k + p_0) >= p_k: the two-way rule keeps more pixels
+    assert model.mask_branch.predict(features, detections)[0]["masks"].equal(library)  # restored on exit
