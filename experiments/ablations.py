@@ -386,7 +386,9 @@ def markdown(record: dict) -> str:
     lines += [f"Command: `{record['command']}`", "",
               f"Machine: {machine['processor']}, {machine['cpu_count']} cores, {machine['platform']}; torch "
               f"{machine['torch']}, {machine['threads_per_run']} thread per run, {machine['processes']} runs at once; "
-              f"load average when summarized {machine['load_average_at_summary']}, per run in the records.", "",
+              f"1-minute load average at the start and end of the runs: {record['load_average_1min_over_runs'][0]} to "
+              f"{record['load_average_1min_over_runs'][1]} (the machine was shared; train seconds are not speeds of the "
+              f"arms). Code: mrcnn at commit {', '.join(record['code_commits'])}.", "",
               f"Settings: {record['settings']}", ""]  # fmt: skip
     if record["missing_runs"]:
         lines += [f"Not run (or failed): {', '.join(record['missing_runs'])}.", ""]
@@ -416,6 +418,8 @@ def write_summary(args: argparse.Namespace, arms: list[str], errors: dict) -> di
         "settings": {**settings, "seeds": args.seeds},
         "data": {"num_train": args.num_train, "num_val": args.num_val, "seed": args.data_seed},
         "code_commits": sorted({str(r.get("code", {}).get("commit")) for r in records}),
+        "load_average_1min_over_runs": [min((v for r in records for v in (r["load_average_before"][0], r["load_average_after"][0])), default=None),
+                                        max((v for r in records for v in (r["load_average_before"][0], r["load_average_after"][0])), default=None)],  # fmt: skip
         "ap_unit": "percent",
         "missing_runs": missing,
         **result,
