@@ -26,12 +26,7 @@ SWITCHES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def shapes_image(index: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

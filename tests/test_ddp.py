@@ -39,12 +39,7 @@ def _worker(rank: int, world_size: int, port: int, output_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.slow

@@ -229,13 +229,6 @@ class TinyFeatures(torch.nn.Module):
         return [self.layers(images)]  # one level, stride 4
 
 
-@pytest.fixture
-def one_thread():
-    """Convolutions this small run several times faster on one thread (more so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

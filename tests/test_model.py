@@ -24,13 +24,7 @@ LOSS_NAMES = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_bo
 GROUPS = ("backbone", "fpn", "rpn", "box_branch", "mask_branch")  # the model's trainable parts, in data-flow order
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: on a shared 2-core machine a second thread mostly waits for the first."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def small_model(seed: int = 0) -> MaskRCNN:

@@ -23,13 +23,7 @@ from mrcnn.train import (
 TINY_DRAW = {"image_size": 64, "object_size": (16, 40), "max_objects": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: on a shared 2-core machine a second thread mostly waits for the first."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_model(seed: int = 0) -> MaskRCNN:
