@@ -1,6 +1,6 @@
 """Where the time goes: seconds per stage of inference and of a training step (paper section 4.4, "Timing").
 
-    python benchmarks/stages.py                 # CPU, 2 threads: the torchvision preset at 800 x 1066 and shapes_small
+    python benchmarks/stages.py                 # CPU: the torchvision preset at 800 x 1066 (2 threads), shapes_small (1)
     python benchmarks/stages.py --device cuda   # the Triton RoIAlign and mask loss
     python benchmarks/stages.py --quick         # tiny sizes, seconds: proves the script works
 
@@ -33,12 +33,13 @@ the forward operation that made it, and that operation ran inside some stage's r
 engine's own time between nodes, and the gradient accumulation into the weights, count as
 "other".
 
-The profiler adds a little time to every operation, so the stages sum to a total a few
-percent above the plain time of the same call, which is measured too (median of
-`--repeats`, interleaved, after a warm-up). Models: the `torchvision_maskrcnn_resnet50_fpn`
-preset on `--size` images (weights as in benchmarks/inference.py: random, frozen norms
-calibrated, five detecting classes, so that 100 detections reach the mask branch), and
-`shapes_small` (random weights) on 128 x 128 images; inference on one image, training on a
+The profiler adds a little time to every operation, and each stage's median is taken on its
+own, so the stages' sum is close to, not equal to, the plain time of the same call, which is
+measured too (median of `--repeats`, interleaved, after a warm-up). Models: the
+`torchvision_maskrcnn_resnet50_fpn` preset on `--size` images (weights as in
+benchmarks/inference.py: random, frozen norms calibrated, five detecting classes, so that 100
+detections reach the mask branch), and `shapes_small` (random weights) on 128 x 128 images,
+timed `--small-repeats` times with `--small-threads`; inference on one image, training on a
 batch of two with their targets. On CUDA each range synchronizes the device when it opens
 and closes, so forward stages include their kernels; backward stages then show the time to
 launch, not to run (the backward total is exact). Results: benchmarks/results/stages_<device>.json
@@ -243,6 +244,11 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=3, help="profiled calls per model and mode, and plain timed calls")
+    parser.add_argument("--small-repeats", type=int, default=15,
+                        help="the same for shapes_small, whose milliseconds the load of a shared machine moves most")
+    parser.add_argument("--small-threads", type=int, default=1,
+                        help="CPU threads for shapes_small: its many small operations wait at every parallel region "
+                             "for a second thread that a loaded machine has descheduled")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--size", type=int, nargs=2, default=(800, 1066), metavar=("H", "W"), help="image size for the torchvision preset")
     parser.add_argument("--quick", action="store_true", help="64 x 96 and 64 x 64 images, 1 repeat")
@@ -252,8 +258,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
-    if args.repeats < 1 or args.threads < 1 or min(args.size) < 32:
-        parser.error("--repeats and --threads must be at least 1 and the image at least 32 x 32")
+    if min(args.repeats, args.small_repeats, args.threads, args.small_threads) < 1 or min(args.size) < 32:
+        parser.error("--repeats, --threads and their --small- forms must be at least 1 and the image at least 32 x 32")
     torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else args.repeats
 
@@ -273,10 +279,15 @@ def main(argv=None) -> dict:
         model.to(args.device)
         images = [image.to(args.device) for image in images]
         targets = [{k: v.to(args.device) for k, v in t.items()} for t in targets]
+        calls = 1 if args.quick else (args.small_repeats if name == "shapes_small" else repeats)
+        threads = args.small_threads if name == "shapes_small" else args.threads
+        torch.set_num_threads(threads)
+        record = {"repeats": calls, "threads": threads}
         runs[f"{name} {size[0]}x{size[1]}"] = {
-            "inference (1 image)": measure(model, images[:1], None, False, args.device, repeats),
-            "training step (2 images)": measure(model, images, targets, True, args.device, repeats),
+            "inference (1 image)": measure(model, images[:1], None, False, args.device, calls) | record,
+            "training step (2 images)": measure(model, images, targets, True, args.device, calls) | record,
         }
+        torch.set_num_threads(args.threads)
     report = machine_record(args.device) | {
         "load_before": load_before,
         "load_after": load_average(),
@@ -293,12 +304,13 @@ def main(argv=None) -> dict:
 def markdown(report: dict) -> str:
     lines = [f"# Where the time goes, {report['device']}: seconds per stage", "", *record_lines(report)]
     lines += [f"- RoIAlign: {report['roi_align_path']}; mask loss: {report['mask_loss_path']}; "
-              f"median of {report['repeats']} profiled calls per stage (benchmarks/stages.py says how stages are cut)"]  # fmt: skip
+              "each stage's median over the profiled calls (benchmarks/stages.py says how stages are cut)"]  # fmt: skip
     for run, modes in report["runs"].items():
         for mode, result in modes.items():
             training = "backward" in str(result["stages_s"])
             lines += ["", f"## {run}, {mode}", "",
-                      f"Plain time (no profiler): {result['plain_s']:.3f} s; profiled stages sum to {result['profiled_total_s']:.3f} s"
+                      f"{result['threads']} thread(s). Plain time (no profiler, median of {result['repeats']}): {result['plain_s']:.3f} s; "
+                      f"profiled stages (medians of {result['repeats']} calls) sum to {result['profiled_total_s']:.3f} s"
                       + (f"; detections per image {result['detections_per_image']}" if result["detections_per_image"] else "") + ".",
                       "", "| stage | forward s | " + ("backward s | total s | " if training else "") + "share |",
                       "|---|---|" + ("---|---|" if training else "") + "---|"]  # fmt: skip
