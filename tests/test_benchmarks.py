@@ -22,13 +22,6 @@ from mrcnn.model import MaskRCNN  # noqa: E402
 HAS_TORCHVISION = common.torchvision_available()
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- helpers ----------------------------------------------------------------------------------
 
 
