@@ -147,10 +147,6 @@ def test_present_chapters_sit_under_their_paper_section(nav):
     assert not wrong, "\n".join(wrong)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chapters are still being written; when this XPASSes (all exist), remove this mark",
-)
 def test_every_paper_section_has_a_chapter(nav):
     listed = {file for _, _, file in nav}
     without = [f"{number} {words} ({chapter})" for number, words, chapter in PAPER_SECTIONS if chapter not in listed]
