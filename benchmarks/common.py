@@ -101,6 +101,20 @@ def record_lines(report: dict) -> list[str]:
     return lines
 
 
+def timing_lines(report: dict, per: str) -> list[str]:
+    """The markdown table of `report["results"]` (seconds per `per`, median and best of the
+    interleaved repeats) and, when torchvision ran, the time ratio ours / torchvision."""
+    lines = [f"Seconds per {per}, median (best) of {report['repeats']} interleaved runs after one warm-up:", "",
+             "| model | median s | best s |", "|---|---|---|"]  # fmt: skip
+    lines += [f"| {name} | {r['median_s']:.3f} | {r['best_s']:.3f} |" for name, r in report["results"].items()]
+    if "ratio_ours_over_torchvision" in report:
+        ratio = report["ratio_ours_over_torchvision"]
+        lines += ["", f"Time ratio ours / torchvision: **{ratio:.2f}** ({1 / ratio:.2f}x {'faster' if ratio < 1 else 'slower'})."]
+    else:
+        lines += ["", "torchvision is not installed here: its column is absent (run with an environment that has it)."]
+    return lines
+
+
 def write_report(report: dict, output_dir: Path, stem: str, render: Callable[[dict], str]) -> None:
     """Write `<stem>.json` (the report) and `<stem>.md` (`render(report)`: the same numbers as a page), and print the page."""
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
     RESULTS, benchmark_images, interleaved, load_average, machine_record, model_pair, profile_lines,
-    profile_top_ops, record_lines, torchvision_available, write_report,
+    profile_top_ops, record_lines, timing_lines, torchvision_available, write_report,
 )
 from mrcnn.config import torchvision_maskrcnn_resnet50_fpn  # noqa: E402
 from mrcnn.model import MaskRCNN  # noqa: E402
@@ -154,17 +154,8 @@ def markdown(report: dict) -> str:
         f"- model: {report['preset']}; one {height} x {width} image; {report['what']}; RoIAlign: {report['roi_align_path']}",
         f"- detections per image (ours): {report['detections_per_image']}; torchvision: {report['torchvision']}",
         "",
-        f"Seconds per image, median (best) of {report['repeats']} interleaved runs after one warm-up:",
-        "",
-        "| model | median s | best s |",
-        "|---|---|---|",
     ]
-    lines += [f"| {name} | {r['median_s']:.3f} | {r['best_s']:.3f} |" for name, r in report["results"].items()]
-    if "ratio_ours_over_torchvision" in report:
-        ratio = report["ratio_ours_over_torchvision"]
-        lines += ["", f"Time ratio ours / torchvision: **{ratio:.2f}** ({1 / ratio:.2f}x {'faster' if ratio < 1 else 'slower'})."]
-    else:
-        lines += ["", "torchvision is not installed here: its column is absent (run with an environment that has it)."]
+    lines += timing_lines(report, "image")
     if report["agreement_with_torchvision"]:
         lines += ["", "Agreement with torchvision on the same weights and image (each of our detections paired with "
                   "torchvision's of the same label and nearest box; found: within a pixel):", "",
