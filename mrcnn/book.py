@@ -55,13 +55,10 @@ def show_source(*objects) -> None:
 
 def _load(path: Path):
     """The `MaskRCNN` of a training checkpoint, in evaluation mode, and the steps it was trained."""
-    from mrcnn.checkpoint import config_from_checkpoint, load_checkpoint, load_model_state
-    from mrcnn.model import MaskRCNN
+    from mrcnn.checkpoint import load_checkpoint, model_from_checkpoint
 
     checkpoint = load_checkpoint(path)
-    model = MaskRCNN(config_from_checkpoint(checkpoint, path))
-    load_model_state(model, checkpoint, path)
-    return model.eval(), checkpoint["step"]
+    return model_from_checkpoint(checkpoint, path).eval(), checkpoint["step"]
 
 
 def trained_shapes_model(demo_checkpoint: str | os.PathLike | None = DEMO_CHECKPOINT,

@@ -161,3 +161,13 @@ def load_model_state(model: nn.Module, checkpoint: dict, path: str | os.PathLike
                 problems.append(f"{len(keys)} {name} (e.g. {keys[0]})")
         raise CheckpointError(f"{path} does not fit this model: weights " + ", ".join(problems))
     model.load_state_dict(state)
+
+
+def model_from_checkpoint(checkpoint: dict, path: str | os.PathLike = "checkpoint") -> nn.Module:
+    """The `MaskRCNN` a checkpoint holds: built from its config, its weights loaded strictly
+    (in training mode, as a new model is). A `CheckpointError` if either does not fit this code."""
+    from mrcnn.model import MaskRCNN  # here: mrcnn.model does not need this module, train does
+
+    model = MaskRCNN(config_from_checkpoint(checkpoint, path))
+    load_model_state(model, checkpoint, path)
+    return model

@@ -97,7 +97,7 @@ def load_weights(path: Path | None, config_name: str | None, num_classes: int | 
     dict takes `--config` (default: its preset). Returns `(model, metadata, source)` with source
     "new", "checkpoint" or "torchvision".
     """
-    from mrcnn.checkpoint import CheckpointError, NotACheckpointError, config_from_checkpoint, load_checkpoint, load_model_state
+    from mrcnn.checkpoint import CheckpointError, NotACheckpointError, load_checkpoint, model_from_checkpoint
     from mrcnn.model import MaskRCNN
 
     if path is None:
@@ -111,8 +111,7 @@ def load_weights(path: Path | None, config_name: str | None, num_classes: int | 
         raise UsageError(f"--weights: {error}") from None
     if checkpoint is not None:
         try:
-            model = MaskRCNN(config_from_checkpoint(checkpoint, path))
-            load_model_state(model, checkpoint, path)
+            model = model_from_checkpoint(checkpoint, path)
         except CheckpointError as error:
             raise UsageError(f"--weights: {error}") from None
         return model, checkpoint.get("metadata", {}), "checkpoint"

@@ -62,8 +62,7 @@ def train_in_processes(args: argparse.Namespace, root, output_dir) -> tuple:
     import torch
     import torch.multiprocessing as mp
 
-    from mrcnn.checkpoint import config_from_checkpoint, load_checkpoint, load_model_state
-    from mrcnn.model import MaskRCNN
+    from mrcnn.checkpoint import load_checkpoint, model_from_checkpoint
     from mrcnn.train import read_log
 
     if args.batch_size % args.processes:
@@ -80,8 +79,7 @@ def train_in_processes(args: argparse.Namespace, root, output_dir) -> tuple:
         raise SystemExit(error.exit_code or 1) from None
     seconds = time.perf_counter() - started
     checkpoint = load_checkpoint(output_dir / "checkpoint.pt")
-    model = MaskRCNN(config_from_checkpoint(checkpoint))
-    load_model_state(model, checkpoint)
+    model = model_from_checkpoint(checkpoint, output_dir / "checkpoint.pt")
     records = read_log(output_dir / "log.jsonl")
     summary = {"steps": checkpoint["step"], "seconds": seconds, "final": records[-1] if records else None,
                "images_per_second": checkpoint["step"] * args.batch_size / seconds,  # process start-up included
