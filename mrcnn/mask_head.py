@@ -194,9 +194,9 @@ class MaskBranch(nn.Module):
         if self.loss_function == "sigmoid" and not self.class_agnostic and isinstance(self.predictor, MaskPredictor):
             # L_mask reads only the channel of each RoI's class (section 3): compute that one alone
             roi_features = self.head(self.pooler(features, boxes_to_rois(boxes)))  # [R+, C, M/2, M/2]
-            labels = torch.cat([t["labels"][i] for t, i in zip(targets, matched_gt_index)])  # [R+]
+            mask_size = 2 * roi_features.shape[-1]  # the predictor's 2x2 stride-2 deconvolution doubles it
+            labels, targets_per_roi = self.training_targets(targets, boxes, matched_gt_index, mask_size)
             class_logits = self.predictor.class_mask_logits(roi_features, labels)  # [R+, 1, M, M]
-            _, targets_per_roi = self.training_targets(targets, boxes, matched_gt_index, class_logits.shape[-1])
             return {"loss_mask": class_agnostic_mask_loss(class_logits, targets_per_roi)}  # = mask_loss of the K logits
         mask_logits = self.mask_logits(features, boxes)  # [R+, K, M, M]
         labels, targets_per_roi = self.training_targets(targets, boxes, matched_gt_index, mask_logits.shape[-1])
