@@ -45,7 +45,7 @@ from benchmarks.common import RESULTS, benchmark_images, load_average, machine_r
 from benchmarks.roi_align import STRIDES, make_inputs  # noqa: E402
 from mrcnn.config import shapes_small  # noqa: E402
 from mrcnn.model import MaskRCNN  # noqa: E402
-from mrcnn.roi_align import MultiLevelRoIAlign  # noqa: E402
+from mrcnn.poolers import MultiLevelRoIAlign  # noqa: E402
 
 MODES = ("default", "deterministic")
 

@@ -47,7 +47,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import device_name, versions  # noqa: E402
-from mrcnn.roi_align import MultiLevelRoIAlign, bilinear_neighbours, fpn_level, roi_align_reference, sampling_grid  # noqa: E402
+from mrcnn.roi_align import bilinear_neighbours, roi_align_reference, sampling_grid  # noqa: E402
+from mrcnn.poolers import MultiLevelRoIAlign, fpn_level  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STRIDES = (4, 8, 16, 32)

@@ -42,7 +42,8 @@ import torch
 from mrcnn.book import show_source
 from mrcnn.boxes import BoxCoder, batched_nms, box_iou, nms
 from mrcnn.matcher import Matcher
-from mrcnn.roi_align import roi_align, roi_pool
+from mrcnn.roi_align import roi_pool
+from mrcnn.poolers import roi_align
 
 torch.manual_seed(0)
 

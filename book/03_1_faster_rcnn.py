@@ -50,7 +50,7 @@ from mrcnn.boxes import box_iou
 from mrcnn.data.coco import image_to_tensor
 from mrcnn.data.shapes import CATEGORY_NAMES, masks_to_boxes, render_image
 from mrcnn.fpn import FeaturePyramidNetwork
-from mrcnn.roi_align import fpn_level
+from mrcnn.poolers import fpn_level
 from mrcnn.rpn import RegionProposalNetwork, RPNHead, flatten_predictions
 from mrcnn.transform import ImageTransform, batch_images
 

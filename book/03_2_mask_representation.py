@@ -42,8 +42,8 @@ if not torch.cuda.is_available():  # Triton's interpreter, before the kernel mod
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from mrcnn.book import show_source
+from mrcnn.mask_head import MaskBranch
 from mrcnn.mask_loss import (
-    class_agnostic_mask_loss,
     gathered_mask_logits,
     mask_loss,
     mask_loss_reference,
@@ -181,11 +181,13 @@ plt.show()
 # a cup on a table) are common, and every such overlap is a small tug of war for a softmax.
 #
 # The paper's other comparison (section 4.2, in the text) keeps the sigmoid but predicts one mask per
-# RoI whatever its class (`class_agnostic_mask_loss`, $K = 1$): 29.7 AP against 30.3 for
-# class-specific masks. What matters is the decoupling, not the $K$ masks.
+# RoI whatever its class ($K = 1$): 29.7 AP against 30.3 for class-specific masks. What matters
+# is the decoupling, not the $K$ masks. In the code class-agnostic is only a shape: a predictor
+# with one output channel, and every RoI reads channel 0 (`MaskBranch.mask_channel`) with the
+# same `mask_loss`.
 
 # %%
-show_source(multinomial_mask_loss, class_agnostic_mask_loss)
+show_source(multinomial_mask_loss, MaskBranch.mask_channel)
 
 # %% [markdown]
 # ### The mask targets
@@ -288,13 +290,13 @@ print("largest gradient difference:", (results["reference"][1] - results["kernel
 #
 # So the predictor can compute only the channels the loss reads, a batched matrix product,
 # `gathered_mask_logits`: $K$ times less work and memory, forward and backward, and the loss then
-# runs with $K = 1$. The mask branch trains this way (`MaskPredictor.class_mask_logits`, called
-# by `MaskBranch.loss`; `tests/test_mask_head.py` checks that the loss and every gradient equal
-# those of the $K$ channels). At test time the mask of the predicted class is read from all $K$,
-# as before.
+# runs on that one channel (label 0 of the gathered logits). The mask branch trains this way
+# (`MaskPredictor.class_mask_logits`, called by `MaskBranch.loss`; `tests/test_mask_head.py`
+# checks that the loss and every gradient equal those of the $K$ channels). At test time the mask
+# of the predicted class is read from all $K$, as before.
 
 # %%
-show_source(gathered_mask_logits)
+show_source(gathered_mask_logits, MaskBranch.loss)
 
 # %%
 num_rois, channels, num_classes = 32, 256, 81
@@ -310,7 +312,8 @@ def full_predictor():
 
 
 def gathered_predictor():
-    return class_agnostic_mask_loss(gathered_mask_logits(features, weight, bias, labels), targets)  # one channel
+    own_channel = torch.zeros_like(labels)  # channel 0 of the gathered logits is each RoI's class
+    return mask_loss(gathered_mask_logits(features, weight, bias, labels), own_channel, targets)
 
 
 for name, step in (("full conv + loss", full_predictor), ("gathered conv + loss", gathered_predictor)):

@@ -50,16 +50,8 @@ if not torch.cuda.is_available():  # Triton's interpreter when there is no GPU, 
 
 import mrcnn.roi_align_cpu as roi_align_cpu  # noqa: E402
 from mrcnn.book import show_source  # noqa: E402
-from mrcnn.roi_align import (  # noqa: E402
-    MultiLevelRoIAlign,
-    bilinear_neighbours,
-    fpn_level,
-    roi_align,
-    roi_align_reference,
-    roi_pool,
-    roi_pool_bins,
-    sampling_grid,
-)
+from mrcnn.roi_align import bilinear_neighbours, roi_align_reference, roi_pool, roi_pool_bins, sampling_grid  # noqa: E402
+from mrcnn.poolers import MultiLevelRoIAlign, fpn_level, roi_align  # noqa: E402
 from mrcnn.visualize import roi_align_figure  # noqa: E402
 
 _ = torch.manual_seed(0)

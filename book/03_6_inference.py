@@ -55,7 +55,7 @@ from mrcnn.book import show_source, trained_shapes_model
 from mrcnn.box_head import detection_candidates, postprocess_detections, refine_boxes
 from mrcnn.boxes import batched_nms, box_iou
 from mrcnn.data.shapes import ShapesDataset
-from mrcnn.inference import expand_boxes, interpolation_matrix, paste_masks
+from mrcnn.inference import expand_boxes, paste_matrix, paste_masks
 from mrcnn.mask_head import MaskBranch
 from mrcnn.model import MaskRCNN
 from mrcnn.transform import resize_boxes
@@ -295,7 +295,7 @@ plt.show()
 # $$\text{pasted}_d = A_y(d)\; \text{mask}_d\; A_x(d)^\top \qquad [H, S]\,[S, S]\,[S, W] = [H, W],$$
 #
 # and all $D$ detections are two batched matrix products, with no Python loop over them. Here
-# are the two matrices of the best detection, built by the library's `interpolation_matrix`:
+# are the two matrices of the best detection, built by the library's `paste_matrix`:
 
 # %%
 original_size = tuple(image.shape[-2:])
@@ -305,8 +305,8 @@ padding, mask_size = 1, probabilities.shape[-1]
 padded = F.pad(probabilities[d : d + 1, 0], (padding,) * 4)  # [1, S, S]
 S = mask_size + 2 * padding
 x0, y0, x1, y1 = expand_boxes(boxes_in_image[d : d + 1], S / mask_size).to(torch.int64)[0].tolist()
-A_y = interpolation_matrix(torch.tensor([y0]), torch.tensor([y1 - y0 + 1]), original_size[0], S, padded.dtype)[0]  # [H, S]
-A_x = interpolation_matrix(torch.tensor([x0]), torch.tensor([x1 - x0 + 1]), original_size[1], S, padded.dtype)[0]  # [W, S]
+A_y = paste_matrix(torch.tensor([y0]), torch.tensor([y1 - y0 + 1]), original_size[0], S, padded.dtype)[0]  # [H, S]
+A_x = paste_matrix(torch.tensor([x0]), torch.tensor([x1 - x0 + 1]), original_size[1], S, padded.dtype)[0]  # [W, S]
 by_hand = A_y @ padded[0] @ A_x.T  # [H, W]
 pasted = paste_masks(probabilities, boxes_in_image, original_size)  # [D, 1, H, W]
 print(f"box {[round(v, 1) for v in boxes_in_image[d].tolist()]} -> enlarged, whole pixels: columns {x0}..{x1}, rows {y0}..{y1}")
@@ -323,7 +323,7 @@ axes[1].imshow(A_x, cmap="viridis", aspect="auto")
 axes[1].set(title=f"$A_x$ [{original_size[1]}, {S}]: columns {x0}..{x1}", xlabel="cell of the padded mask",
             ylabel="image column")
 plt.show()
-show_source(paste_masks, interpolation_matrix)
+show_source(paste_masks, paste_matrix)
 
 # %% [markdown]
 # The same mask before and after pasting, and binarized at 0.5 ("binarized at a threshold of

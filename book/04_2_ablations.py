@@ -51,10 +51,12 @@ from matplotlib.patches import Rectangle
 
 from mrcnn.book import show_source
 from mrcnn.config import shapes_small
-from mrcnn.mask_loss import class_agnostic_mask_loss, mask_loss, multinomial_mask_loss
+from mrcnn.mask_loss import mask_loss, multinomial_mask_loss
 from mrcnn.architectures import mask_head_and_predictor
+from mrcnn.mask_head import MaskBranch
 from mrcnn.model import MaskRCNN
-from mrcnn.roi_align import fpn_level, roi_align, roi_pool, roi_pool_bins, sampling_grid
+from mrcnn.roi_align import roi_pool, roi_pool_bins, sampling_grid
+from mrcnn.poolers import fpn_level, roi_align
 from mrcnn.roi_warp import quantize_rois, roi_warp
 
 torch.manual_seed(0)
@@ -391,10 +393,12 @@ bar_chart("2d")
 #
 # so every pixel's classes compete. The paper measures a loss of 5.5 mask AP. A class-agnostic
 # head goes the other way: one mask per RoI whatever its class ($K = 1$ output); the paper finds
-# it "nearly as effective" (29.7 against 30.3 AP).
+# it "nearly as effective" (29.7 against 30.3 AP). Here it is only a shape: a predictor of one
+# channel, every RoI's "class" that channel 0, and the same `mask_loss`
+# (`MaskBranch.mask_channel`).
 
 # %%
-show_source(multinomial_mask_loss, class_agnostic_mask_loss)
+show_source(multinomial_mask_loss, MaskBranch.mask_channel)
 
 # %% [markdown]
 # The difference shows even on one RoI. Take mask logits that separate the object well in the

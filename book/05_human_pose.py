@@ -58,7 +58,7 @@ from mrcnn.keypoint_head import (
     keypoint_loss,
     keypoint_targets,
 )
-from mrcnn.roi_align import MultiLevelRoIAlign
+from mrcnn.poolers import MultiLevelRoIAlign
 
 torch.manual_seed(0)
 torch.set_num_threads(1)  # the convolutions below are tiny: one thread runs them fastest

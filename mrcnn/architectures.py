@@ -45,6 +45,7 @@ Shapes (the book's legend): R RoIs, C channels, P pooled size, K classes, M mask
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 from torch import Tensor, nn
@@ -53,6 +54,9 @@ from mrcnn.backbone import BasicBlock, res5_head
 from mrcnn.box_head import BoxHead, BoxPredictor
 from mrcnn.config import MaskRCNNConfig
 from mrcnn.mask_head import MaskHead, MaskPredictor, MLPMaskHead, MLPMaskPredictor
+from mrcnn.poolers import MultiLevelRoIAlign, MultiLevelRoIPooler
+from mrcnn.roi_align import roi_pool
+from mrcnn.roi_warp import roi_warp
 
 
 class Res5Head(nn.Module):
@@ -137,3 +141,17 @@ def c4_heads(config: MaskRCNNConfig, in_channels: int) -> Heads:
         mask_head,
         mask_predictor,
     )
+
+
+def build_roi_pooler(method: str, output_size: int, strides: tuple[int, ...], sampling_ratio: int, aligned: bool) -> nn.Module:
+    """The pooler `MaskRCNNConfig.roi_pooler` names (Table 2c): "align" (`MultiLevelRoIAlign`), "warp" or "pool".
+
+    sampling_ratio and aligned apply to the bilinear poolers (RoIAlign, RoIWarp); RoIPool has neither.
+    """
+    if method == "align":
+        return MultiLevelRoIAlign(output_size, strides, sampling_ratio, aligned)
+    if method == "warp":
+        return MultiLevelRoIPooler(partial(roi_warp, sampling_ratio=sampling_ratio, aligned=aligned), output_size, strides)
+    if method == "pool":
+        return MultiLevelRoIPooler(roi_pool, output_size, strides)
+    raise ValueError(f"unknown RoI pooler {method!r}; choose 'align', 'warp' or 'pool'")

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from mrcnn.boxes import BoxCoder, batched_nms, box_iou, clip_boxes, remove_small_boxes
 from mrcnn.matcher import BalancedSampler, Matcher
-from mrcnn.roi_align import MultiLevelRoIAlign
+from mrcnn.poolers import MultiLevelRoIAlign
 
 
 class BoxHead(nn.Module):

@@ -76,7 +76,7 @@ def expand_boxes(boxes: Tensor, scale: float) -> Tensor:
     )  # [D, 4]
 
 
-def interpolation_matrix(start: Tensor, length: Tensor, image_length: int, source_length: int, dtype: torch.dtype) -> Tensor:
+def paste_matrix(start: Tensor, length: Tensor, image_length: int, source_length: int, dtype: torch.dtype) -> Tensor:
     """The matrix `A` that resizes a length-`S` signal to each box and places it in the image (step 3).
 
     start `[D]` int64 (the box's first pixel, possibly negative), length `[D]` int64 (its number
@@ -125,8 +125,8 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], paddi
     box_height = (boxes[:, 3] - boxes[:, 1] + 1).clamp(min=1)  # [D]
 
     # steps 3 and 4: pasted_d = A_y(d) · mask_d · A_x(d)^T
-    rows = interpolation_matrix(boxes[:, 1], box_height, height, source_size, masks.dtype)  # [D, H, S]
-    columns = interpolation_matrix(boxes[:, 0], box_width, width, source_size, masks.dtype)  # [D, W, S]
+    rows = paste_matrix(boxes[:, 1], box_height, height, source_size, masks.dtype)  # [D, H, S]
+    columns = paste_matrix(boxes[:, 0], box_width, width, source_size, masks.dtype)  # [D, W, S]
     resized_columns = torch.bmm(padded, columns.transpose(1, 2))  # [D, S, W]: columns first, as PyTorch does
     pasted = torch.bmm(rows, resized_columns)  # [D, H, W]
     return pasted[:, None]  # [D, 1, H, W]

@@ -17,7 +17,7 @@ module's own public methods, on the inputs it recorded:
     FPN level of each RoI       mrcnn.roi_align.fpn_level (FPN eq. 1, as MultiLevelRoIAlign)
     RoIAlign sampling points    mrcnn.roi_align.sampling_grid (as every RoIAlign implementation)
     box refinement, candidates  mrcnn.box_head.refine_boxes, detection_candidates (postprocess_detections)
-    mask targets (given truth)  select_training_rois, MaskBranch.positive_rois, training_targets (MaskBranch.loss)
+    mask targets (given truth)  select_training_rois, MaskBranch.positive_rois, MaskBranch.mask_targets
     mask probabilities          MaskBranch.predict
 
 tests/test_inspect.py checks that each intermediate is what the model used: the recorded
@@ -39,7 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from mrcnn.box_head import detection_candidates, refine_boxes, select_training_rois
-from mrcnn.roi_align import MultiLevelRoIAlign, fpn_level, sampling_grid
+from mrcnn.roi_align import sampling_grid
+from mrcnn.poolers import MultiLevelRoIAlign, fpn_level
 
 
 @dataclass
@@ -246,7 +247,8 @@ def _inspect(model: nn.Module, image: Tensor, target: dict[str, Tensor] | None, 
                 training_rois = select_training_rois([proposals], resized_targets, box_branch.matcher,
                                                      box_branch.sampler, box_branch.box_coder)  # fmt: skip
             boxes, matched_gt_index = mask_branch.positive_rois(training_rois)
-            labels, targets = mask_branch.training_targets(resized_targets, boxes, matched_gt_index, mask_logits.shape[-1])
+            labels = mask_branch.matched(resized_targets, "labels", matched_gt_index)
+            targets = mask_branch.mask_targets(resized_targets, boxes, matched_gt_index, mask_logits.shape[-1])
             mask.update(mask_target_boxes=boxes[0], mask_target_labels=labels, mask_targets=targets)
 
     return Inspection(

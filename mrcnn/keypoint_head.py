@@ -44,14 +44,13 @@ Shapes (the book's legend): R RoIs, D detections, C channels, G objects, J keypo
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mrcnn.box_head import TrainingRoIs, boxes_to_rois
-from mrcnn.roi_align import MultiLevelRoIAlign
+from mrcnn.box_head import TrainingRoIs
+from mrcnn.branch import RoIBranch
 
 
 class KeypointHead(nn.Module):
@@ -172,7 +171,7 @@ def heatmaps_to_keypoints(keypoint_logits: Tensor, boxes: Tensor) -> tuple[Tenso
     return keypoints, scores
 
 
-class KeypointBranch(nn.Module):
+class KeypointBranch(RoIBranch):
     """Pooler, head and predictor of the keypoint branch, trained on positive RoIs, run on detections.
 
     Args:
@@ -181,42 +180,16 @@ class KeypointBranch(nn.Module):
         predictor: `KeypointPredictor`, giving `[R, J, 56, 56]` keypoint logits.
     """
 
-    def __init__(self, pooler: MultiLevelRoIAlign, head: KeypointHead, predictor: KeypointPredictor):
-        super().__init__()
-        self.pooler = pooler
-        self.head = head
-        self.predictor = predictor
+    keypoint_logits = RoIBranch.logits  # keypoint logits [R, J, M, M] for the boxes [R_i, 4] of every image
 
-    def keypoint_logits(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
-        """Keypoint logits `[R, J, M, M]` for the boxes `[R_i, 4]` of every image."""
-        roi_features = self.pooler(features, boxes_to_rois(boxes))  # [R, C, 14, 14]
-        return self.predictor(self.head(roi_features))
-
-    def forward(
-        self,
-        features: list[Tensor],
-        rois: TrainingRoIs | list[dict[str, Tensor]],
-        targets: list[dict[str, Tensor]] | None = None,
-    ) -> tuple[TrainingRoIs | list[dict[str, Tensor]], dict[str, Tensor]]:
-        """Training: `(rois, self.loss(...))`; inference: `(self.predict(...), {})`, as for `MaskBranch`."""
-        if self.training:
-            return rois, self.loss(features, rois, targets)
-        return self.predict(features, rois), {}
-
-    def loss(self, features: list[Tensor], rois: TrainingRoIs, targets: list[dict[str, Tensor]] | None) -> dict[str, Tensor]:
+    def loss(self, features: list[Tensor], rois: TrainingRoIs, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """`{"loss_keypoint": L_kp}` over the positive RoIs of the batch.
 
         rois: the box branch's `TrainingRoIs`; targets: per image, "keypoints" float `[G, J, 3]`.
         """
-        if targets is None or len(targets) != len(rois.boxes) or any("keypoints" not in t for t in targets):
-            raise ValueError("training the keypoint branch needs one target with 'keypoints' [G, J, 3] per image")
-        positive = [torch.where(labels > 0)[0] for labels in rois.labels]  # [R_i+] per image
-        boxes = [b[p] for b, p in zip(rois.boxes, positive)]
-        matched_gt_index = [m[p] for m, p in zip(rois.matched_gt_index, positive)]
-        keypoint_logits = self.keypoint_logits(features, boxes)  # [R+, J, M, M]
-        keypoints = torch.cat([t["keypoints"][i] for t, i in zip(targets, matched_gt_index)])  # [R+, J, 3]
-        if keypoints.shape[1] != keypoint_logits.shape[1]:
-            raise ValueError(f"targets have {keypoints.shape[1]} keypoints, the predictor {keypoint_logits.shape[1]}")
+        boxes, matched_gt_index = self.positive_rois(rois)
+        keypoint_logits = self.logits(features, boxes)  # [R+, J, M, M]
+        keypoints = self.matched(targets, "keypoints", matched_gt_index)  # [R+, J, 3]
         targets_per_roi, valid = keypoint_targets(keypoints, torch.cat(boxes), keypoint_logits.shape[-1])  # [R+, J] each
         return {"loss_keypoint": keypoint_loss(keypoint_logits, targets_per_roi, valid)}
 
@@ -224,7 +197,7 @@ class KeypointBranch(nn.Module):
         """Add "keypoints" float32 `[D, J, 3]` (x, y, 1) and "keypoints_scores" `[D, J]` to each image's
         detections, in the coordinates of `features`' image. Returns new dicts."""
         boxes = [d["boxes"] for d in detections]
-        keypoint_logits = self.keypoint_logits(features, boxes)  # [D, J, M, M]
+        keypoint_logits = self.logits(features, boxes)  # [D, J, M, M]
         keypoints, scores = heatmaps_to_keypoints(keypoint_logits, torch.cat(boxes))  # [D, J, 3], [D, J]
         counts = [len(b) for b in boxes]
         return [{**d, "keypoints": k, "keypoints_scores": s}
@@ -241,39 +214,6 @@ class KeypointBranch(nn.Module):
             {f"predictor.{k}": f"roi_heads.keypoint_predictor.{v}" for k, v in self.predictor.torchvision_key_map().items()}
         )
         return key_map
-
-
-def from_torchvision_keypoint_rcnn(path_or_state_dict: str | os.PathLike | dict[str, Tensor], config=None):
-    """A ready Keypoint R-CNN of ours (eval mode) with the weights of torchvision's `keypointrcnn_resnet50_fpn`.
-
-    The backbone, FPN, RPN and box branch load through `mrcnn.weights`, the keypoint branch
-    through `KeypointBranch.torchvision_key_map`; the import is strict (every tensor used and
-    filled). The numbers of classes and keypoints are read from the file; the config defaults to
-    the `torchvision_keypointrcnn_resnet50_fpn` preset.
-    """
-    from mrcnn.config import torchvision_keypointrcnn_resnet50_fpn  # here: mrcnn.model imports this module
-    from mrcnn.model import MaskRCNN
-    from mrcnn.weights import _as_state_dict, _load_strictly, torchvision_to_ours
-
-    source = str(path_or_state_dict) if not isinstance(path_or_state_dict, dict) else "state dict"
-    state_dict = _as_state_dict(path_or_state_dict)
-    class_weight = state_dict.get("roi_heads.box_predictor.cls_score.weight")
-    deconv_weight = state_dict.get("roi_heads.keypoint_predictor.kps_score_lowres.weight")
-    if class_weight is None or deconv_weight is None:
-        raise ValueError(f"{source}: not a torchvision Keypoint R-CNN state dict (no box predictor or keypoint predictor)")
-    num_classes, num_keypoints = int(class_weight.shape[0]), int(deconv_weight.shape[1])
-    if config is None:
-        config = torchvision_keypointrcnn_resnet50_fpn(num_classes, num_keypoints)
-    config = config.replace(num_classes=num_classes, num_keypoints=num_keypoints)
-    model = MaskRCNN(config)
-    if model.keypoint_branch is None:
-        raise ValueError("the config builds no keypoint branch")
-    ours, unused = torchvision_to_ours(state_dict, model)
-    key_map = model.keypoint_branch.torchvision_key_map()
-    ours.update({f"keypoint_branch.{k}": state_dict[v] for k, v in key_map.items() if v in state_dict})
-    unused = [k for k in unused if k not in set(key_map.values())]
-    _load_strictly(model, ours, unused, source)
-    return model.eval()
 
 
 def uniform_loss(heatmap_size: int = 56) -> float:

@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mrcnn.box_head import TrainingRoIs, boxes_to_rois
-from mrcnn.mask_loss import class_agnostic_mask_loss, gathered_mask_logits, mask_loss, mask_targets, multinomial_mask_loss
+from mrcnn.box_head import TrainingRoIs
+from mrcnn.branch import RoIBranch
+from mrcnn.mask_loss import gathered_mask_logits, mask_loss, mask_targets, multinomial_mask_loss
 
 
 class MaskHead(nn.Module):
@@ -85,6 +86,11 @@ class MaskPredictor(nn.Module):
         for layer in (self.deconv, self.mask_logits):  # the biases keep PyTorch's default initialization
             nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
 
+    @property
+    def num_masks(self) -> int:
+        """K, the masks per RoI (1 for the class-agnostic mask)."""
+        return self.mask_logits.out_channels
+
     def forward(self, x: Tensor) -> Tensor:
         x = F.relu(self.deconv(x))  # [R, dim_reduced, 28, 28]
         return self.mask_logits(x)  # [R, K, 28, 28]
@@ -131,117 +137,88 @@ class MLPMaskPredictor(nn.Module):
         self.mask_size = mask_size
         self.mask_logits = nn.Linear(in_features, num_classes * mask_size * mask_size)
 
+    @property
+    def num_masks(self) -> int:
+        """K, the masks per RoI (1 for the class-agnostic mask)."""
+        return self.mask_logits.out_features // (self.mask_size * self.mask_size)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.mask_logits(x).reshape(x.shape[0], -1, self.mask_size, self.mask_size)  # [R, K, M, M]
+        return self.mask_logits(x).reshape(x.shape[0], self.num_masks, self.mask_size, self.mask_size)  # [R, K, M, M]
+
+    def class_mask_logits(self, x: Tensor, labels: Tensor) -> Tensor:
+        """The logits of one class per RoI, `labels` `[R]`: `[R, 1, M, M]` (all K computed: an MLP shares no work)."""
+        return self(x)[torch.arange(x.shape[0], device=x.device), labels][:, None]  # [R, 1, M, M]
 
     def torchvision_key_map(self) -> dict[str, str]:
         raise ValueError("the MLP mask predictor is an ablation; torchvision has no such weights")
 
 
-class MaskBranch(nn.Module):
+class MaskBranch(RoIBranch):
     """Pooler, head and predictor of the mask branch, trained on positive RoIs, run on detections.
 
     Args:
         pooler: multi-level RoIAlign to 14 x 14 (sampling ratio 2 in torchvision), or another
-            pooler with its interface (`mrcnn.roi_warp.MultiLevelRoIPooler`, Table 2c).
+            pooler with its interface (`mrcnn.poolers.MultiLevelRoIPooler`, Table 2c).
         head: `MaskHead` (the paper's FCN) or `MLPMaskHead` (the ablation).
-        predictor: `MaskPredictor` or `MLPMaskPredictor`, giving `[R, K, M, M]` mask logits
-            (`[R, 1, M, M]` when `class_agnostic`).
+        predictor: `MaskPredictor` or `MLPMaskPredictor`, giving `[R, K, M, M]` mask logits; a
+            predictor of one channel (`num_masks == 1`) is the class-agnostic mask of Table 2b.
         loss: "sigmoid", the paper's per-class sigmoid (`mask_loss`), or "softmax", a per-pixel
             softmax over the K classes (`multinomial_mask_loss`, Table 2b). At inference a
             detection's mask is the sigmoid, or the softmax probability, of its own class.
-        class_agnostic: one mask per RoI whatever its class (`class_agnostic_mask_loss`,
-            Table 2b); the predictor must then have one output channel. Sigmoid only.
     """
 
     def __init__(self, pooler: nn.Module, head: nn.Module, predictor: nn.Module,
-                 loss: Literal["sigmoid", "softmax"] = "sigmoid", class_agnostic: bool = False):  # fmt: skip
-        super().__init__()
+                 loss: Literal["sigmoid", "softmax"] = "sigmoid"):  # fmt: skip
+        super().__init__(pooler, head, predictor)
         if loss not in ("sigmoid", "softmax"):
             raise ValueError(f"unknown mask loss {loss!r}; choose 'sigmoid' or 'softmax'")
-        if class_agnostic and loss == "softmax":
+        if predictor.num_masks == 1 and loss == "softmax":
             raise ValueError("a class-agnostic mask has one channel: a softmax over it is constant; use loss='sigmoid'")
-        self.pooler = pooler
-        self.head = head
-        self.predictor = predictor
         self.loss_function = loss
-        self.class_agnostic = class_agnostic
 
-    def mask_logits(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
-        """Mask logits `[R, K, M, M]` for the boxes `[R_i, 4]` of every image."""
-        roi_features = self.pooler(features, boxes_to_rois(boxes))  # [R, C, 14, 14]
-        return self.predictor(self.head(roi_features))
+    mask_logits = RoIBranch.logits  # mask logits [R, K, M, M] for the boxes [R_i, 4] of every image
 
-    def forward(
-        self,
-        features: list[Tensor],
-        rois: TrainingRoIs | list[dict[str, Tensor]],
-        targets: list[dict[str, Tensor]] | None = None,
-    ) -> tuple[TrainingRoIs | list[dict[str, Tensor]], dict[str, Tensor]]:
-        """Training: `(rois, self.loss(...))`; inference: `(self.predict(...), {})`, as for `BoxBranch`."""
-        if self.training:
-            return rois, self.loss(features, rois, targets)
-        return self.predict(features, rois), {}
+    def mask_channel(self, labels: Tensor) -> Tensor:
+        """The mask channel of each RoI `[R]`: its class, or 0 for every class when there is one mask."""
+        return labels if self.predictor.num_masks > 1 else torch.zeros_like(labels)
 
-    def loss(self, features: list[Tensor], rois: TrainingRoIs, targets: list[dict[str, Tensor]] | None) -> dict[str, Tensor]:
+    def loss(self, features: list[Tensor], rois: TrainingRoIs, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """`{"loss_mask": L_mask}` over the positive RoIs of the batch (a zero that backpropagates when there are none).
 
         rois: the box branch's `TrainingRoIs`; targets: per image, "masks" `[G, H, W]` and "labels" `[G]`.
         """
-        if targets is None or len(targets) != len(rois.boxes) or any("masks" not in t for t in targets):
-            raise ValueError("training the mask branch needs one target with 'masks' [G, H, W] per image")
         boxes, matched_gt_index = self.positive_rois(rois)
-        if self.loss_function == "sigmoid" and not self.class_agnostic and isinstance(self.predictor, MaskPredictor):
-            # L_mask reads only the channel of each RoI's class (section 3): compute that one alone
-            roi_features = self.head(self.pooler(features, boxes_to_rois(boxes)))  # [R+, C, M/2, M/2]
-            mask_size = 2 * roi_features.shape[-1]  # the predictor's 2x2 stride-2 deconvolution doubles it
-            labels, targets_per_roi = self.training_targets(targets, boxes, matched_gt_index, mask_size)
-            class_logits = self.predictor.class_mask_logits(roi_features, labels)  # [R+, 1, M, M]
-            return {"loss_mask": class_agnostic_mask_loss(class_logits, targets_per_roi)}  # = mask_loss of the K logits
-        mask_logits = self.mask_logits(features, boxes)  # [R+, K, M, M]
-        labels, targets_per_roi = self.training_targets(targets, boxes, matched_gt_index, mask_logits.shape[-1])
-        if self.class_agnostic:  # Table 2b: one mask, whatever the class
-            return {"loss_mask": class_agnostic_mask_loss(mask_logits, targets_per_roi)}
+        roi_features = self.head_features(features, boxes)  # [R+, C, M/2, M/2]
+        labels = self.matched(targets, "labels", matched_gt_index)  # [R+]: k_r, the class of each RoI's object
         if self.loss_function == "softmax":  # Table 2b: the K classes compete for each pixel
-            return {"loss_mask": multinomial_mask_loss(mask_logits, labels, targets_per_roi)}
-        return {"loss_mask": mask_loss(mask_logits, labels, targets_per_roi)}
+            mask_logits = self.predictor(roi_features)  # [R+, K, M, M]
+            mask_targets = self.mask_targets(targets, boxes, matched_gt_index, mask_logits.shape[-1])  # [R+, M, M]
+            return {"loss_mask": multinomial_mask_loss(mask_logits, labels, mask_targets)}
+        # L_mask reads one channel per RoI, mask_logits[r, k_r] (section 3): compute that channel alone
+        class_logits = self.predictor.class_mask_logits(roi_features, self.mask_channel(labels))  # [R+, 1, M, M]
+        mask_targets = self.mask_targets(targets, boxes, matched_gt_index, class_logits.shape[-1])  # [R+, M, M]
+        own_channel = torch.zeros_like(labels)  # [R+]: channel 0 of class_logits is each RoI's class k_r
+        return {"loss_mask": mask_loss(class_logits, own_channel, mask_targets, validate=False)}
 
     @staticmethod
-    def positive_rois(rois: TrainingRoIs) -> tuple[list[Tensor], list[Tensor]]:
-        """The RoIs the mask branch trains on: per image, boxes `[R_i+, 4]` and matched_gt_index `[R_i+]` of the positives."""
-        positive = [torch.where(labels > 0)[0] for labels in rois.labels]  # [R_i+] per image
-        return [b[p] for b, p in zip(rois.boxes, positive)], [m[p] for m, p in zip(rois.matched_gt_index, positive)]
-
-    @staticmethod
-    def training_targets(
-        targets: list[dict[str, Tensor]], boxes: list[Tensor], matched_gt_index: list[Tensor], mask_size: int
-    ) -> tuple[Tensor, Tensor]:
-        """The class `[R+]` int64 and the `M x M` mask target `[R+, M, M]` in [0, 1] of each positive RoI.
-
-        A RoI's target is its object's mask ("masks" `[G, H, W]` of its image), cropped by the RoI
-        and resampled to M x M; RoIAlign's average of ones can round to 1 + 1e-7, hence the clamp
-        (the loss checks [0, 1]).
-        """
-        targets_per_roi = torch.cat(
-            [mask_targets(t["masks"], b, i, mask_size) for t, b, i in zip(targets, boxes, matched_gt_index)]
-        ).clamp(0, 1)  # [R+, M, M]
-        labels = torch.cat([t["labels"][i] for t, i in zip(targets, matched_gt_index)])  # [R+]
-        return labels, targets_per_roi
+    def mask_targets(targets: list[dict[str, Tensor]], boxes: list[Tensor], matched_gt_index: list[Tensor],
+                     mask_size: int) -> Tensor:  # fmt: skip
+        """The M x M target `[R+, M, M]` in [0, 1] of each positive RoI: its object's mask ("masks"
+        `[G, H, W]` of its image) cropped by the RoI and resampled to M x M (`mrcnn.mask_loss.mask_targets`)."""
+        return torch.cat([mask_targets(t["masks"], b, i, mask_size) for t, b, i in zip(targets, boxes, matched_gt_index)])
 
     def predict(self, features: list[Tensor], detections: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
         """Add "masks" `[D, 1, M, M]` to each image's detections: the sigmoid probabilities of the
         mask of each detection's own class (of the one mask when class-agnostic; the softmax
         probability of that class with the softmax loss). Returns new dicts; the other fields
         are the same tensors."""
-        mask_logits = self.mask_logits(features, [d["boxes"] for d in detections])  # [D, K, M, M] ([D, 1, M, M])
-        labels = torch.cat([d["labels"] for d in detections])  # [D]
-        if self.class_agnostic:
-            labels = torch.zeros_like(labels)  # [D]: channel 0 is every class's mask
-        detection_index = torch.arange(labels.shape[0], device=labels.device)  # [D]
+        mask_logits = self.logits(features, [d["boxes"] for d in detections])  # [D, K, M, M] ([D, 1, M, M])
+        channel = self.mask_channel(torch.cat([d["labels"] for d in detections]))  # [D]
+        detection_index = torch.arange(channel.shape[0], device=channel.device)  # [D]
         if self.loss_function == "softmax":
-            probabilities = mask_logits.softmax(dim=1)[detection_index, labels][:, None]  # [D, 1, M, M]
+            probabilities = mask_logits.softmax(dim=1)[detection_index, channel][:, None]  # [D, 1, M, M]
         else:
-            probabilities = mask_logits[detection_index, labels].sigmoid()[:, None]  # [D, 1, M, M]: the predicted class only
+            probabilities = mask_logits[detection_index, channel].sigmoid()[:, None]  # [D, 1, M, M]: the predicted class only
         per_image = probabilities.split([d["labels"].shape[0] for d in detections])
         return [{**d, "masks": masks} for d, masks in zip(detections, per_image)]
 

@@ -18,8 +18,9 @@ to 0 or 1, so the loss is finite for any logit (+-1e4 included). Its gradient is
 Because no softmax runs across the K masks, the classes do not compete for a pixel: the class
 is chosen by the box branch, the mask branch only says which pixels belong to the object. The
 paper's ablations (section 4.2) compare this with a per-pixel softmax over classes
-(`multinomial_mask_loss`, Table 2b: -5.5 mask AP) and with a single class-agnostic mask
-(`class_agnostic_mask_loss`: 29.7 against 30.3 mask AP, nearly as good).
+(`multinomial_mask_loss`, Table 2b: -5.5 mask AP) and with a single class-agnostic mask (29.7
+against 30.3 mask AP, nearly as good). Class-agnostic is only a shape: K = 1 mask channel, and
+every RoI's "class" is that channel, so `mask_loss` computes it unchanged with labels of 0.
 
 The target of a RoI (`mask_targets`) is its matched ground-truth mask cropped by the proposal
 box and resampled to M x M with RoIAlign. Shapes follow the book's legend: R RoIs, K classes
@@ -35,7 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mrcnn.roi_align import roi_align
+from mrcnn.poolers import roi_align
+
+try:  # optional: Triton is there on Linux with a GPU build, the reference needs none of it
+    from kernels.mask_loss import mask_loss as mask_loss_kernel
+except ImportError:
+    mask_loss_kernel = None
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what kernels.mask_loss computes in
 
 
 def check_mask_loss_inputs(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor) -> None:
@@ -83,14 +91,16 @@ def check_mask_loss_inputs(mask_logits: Tensor, labels: Tensor, mask_targets: Te
         raise ValueError(f"mask_targets[{r}, {i}, {j}] = {float(mask_targets[r, i, j])} is outside [0, 1]")
 
 
-def mask_loss_reference(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor) -> Tensor:
+def mask_loss_reference(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor, validate: bool = True) -> Tensor:
     """L_mask as defined in the module docstring: readable, vectorized, differentiable.
 
     mask_logits `[R, K, M, M]` (float32, float16 or bfloat16), labels `[R]` int64,
     mask_targets `[R, M, M]` -> scalar float32, computed in float32 whatever the logits dtype
-    (float64 for float64 logits, which the gradient checks use).
+    (float64 for float64 logits, which the gradient checks use). `validate=False` skips the
+    checks of `check_mask_loss_inputs` (the model's own inputs are valid by construction).
     """
-    check_mask_loss_inputs(mask_logits, labels, mask_targets)
+    if validate:
+        check_mask_loss_inputs(mask_logits, labels, mask_targets)
     num_rois = mask_logits.shape[0]
     dtype = torch.promote_types(mask_logits.dtype, torch.float32)  # accumulate in float32 at least
     if num_rois == 0:  # no positive RoI: a zero that still backpropagates (a zero gradient)
@@ -102,43 +112,23 @@ def mask_loss_reference(mask_logits: Tensor, labels: Tensor, mask_targets: Tenso
     return (F.softplus(x) - t * x).mean()
 
 
-def mask_loss(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor, use_kernel: bool | None = None) -> Tensor:
+def mask_loss(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor, use_kernel: bool | None = None,
+              validate: bool = True) -> Tensor:  # fmt: skip
     """L_mask, dispatched to the fastest implementation for the device.
 
     Same arguments and result as `mask_loss_reference`. `use_kernel=None` (the default) runs the
     fused Triton kernel when `mask_logits` are on CUDA in float32, float16 or bfloat16 and
     Triton imports, the reference otherwise (float64 included); `True` or `False` forces the
-    choice. Both validate their inputs first.
+    choice. `validate` (default) checks the inputs first, values included: one host
+    synchronisation on a GPU, which the model skips (`validate=False`).
     """
+    if validate:
+        check_mask_loss_inputs(mask_logits, labels, mask_targets)
     if use_kernel is None:
-        use_kernel = (isinstance(mask_logits, Tensor) and mask_logits.is_cuda
-                      and mask_logits.dtype in (torch.float32, torch.float16, torch.bfloat16) and kernels_available())
+        use_kernel = mask_logits.is_cuda and mask_logits.dtype in KERNEL_DTYPES and mask_loss_kernel is not None
     if use_kernel:
-        from kernels.mask_loss import mask_loss as mask_loss_kernel
-
-        return mask_loss_kernel(mask_logits, labels, mask_targets)
-    return mask_loss_reference(mask_logits, labels, mask_targets)
-
-
-def kernels_available() -> bool:
-    """True when the Triton mask-loss kernel can be imported (Triton installed)."""
-    try:
-        import kernels.mask_loss  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def class_agnostic_mask_loss(mask_logits: Tensor, mask_targets: Tensor, use_kernel: bool | None = None) -> Tensor:
-    """The class-agnostic variant (section 4.2): one mask per RoI, whatever its class.
-
-    mask_logits `[R, 1, M, M]`, mask_targets `[R, M, M]` -> scalar float32: `mask_loss` with
-    every RoI's label mapped to the single channel 0.
-    """
-    if not isinstance(mask_logits, Tensor) or mask_logits.dim() != 4 or mask_logits.shape[1] != 1:
-        raise ValueError(f"class-agnostic mask_logits must be [R, 1, M, M], got shape {tuple(getattr(mask_logits, 'shape', ()))}")
-    channel = torch.zeros(mask_logits.shape[0], dtype=torch.int64, device=mask_logits.device)  # [R], all channel 0
-    return mask_loss(mask_logits, channel, mask_targets, use_kernel=use_kernel)
+        return mask_loss_kernel(mask_logits, labels, mask_targets, validate=False)
+    return mask_loss_reference(mask_logits, labels, mask_targets, validate=False)
 
 
 def multinomial_mask_loss(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor) -> Tensor:
@@ -174,6 +164,28 @@ def multinomial_mask_loss(mask_logits: Tensor, labels: Tensor, mask_targets: Ten
     return -(t * log_p[roi_index, labels] + (1 - t) * log_p[:, 0]).mean()
 
 
+def check_mask_target_inputs(gt_masks: Tensor, proposals: Tensor, matched_gt_index: Tensor, mask_size: int,
+                             threshold: float | None) -> None:  # fmt: skip
+    """Raise a `ValueError` naming the problem unless `mask_targets` can run on these arguments."""
+    if not isinstance(gt_masks, Tensor) or gt_masks.dim() != 3:
+        raise ValueError(f"gt_masks must be [G, H, W], got shape {tuple(getattr(gt_masks, 'shape', ()))}")
+    if not isinstance(proposals, Tensor) or proposals.dim() != 2 or proposals.shape[1] != 4 or not proposals.is_floating_point():
+        raise ValueError(f"proposals must be a float [R, 4] tensor, got {getattr(proposals, 'dtype', None)} "
+                         f"of shape {tuple(getattr(proposals, 'shape', ()))}")
+    if not isinstance(matched_gt_index, Tensor) or tuple(matched_gt_index.shape) != (proposals.shape[0],) \
+            or matched_gt_index.is_floating_point():
+        raise ValueError(f"matched_gt_index must be an integer [R] = [{proposals.shape[0]}] tensor, "
+                         f"got shape {tuple(getattr(matched_gt_index, 'shape', ()))}")
+    if not isinstance(mask_size, int) or mask_size < 1:
+        raise ValueError(f"mask_size must be a positive int, got {mask_size!r}")
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be None or in (0, 1), got {threshold}")
+    num_gt = gt_masks.shape[0]
+    if matched_gt_index.numel() and bool(((matched_gt_index < 0) | (matched_gt_index >= num_gt)).any()):
+        bad = int(((matched_gt_index < 0) | (matched_gt_index >= num_gt)).nonzero()[0, 0])
+        raise ValueError(f"matched_gt_index[{bad}] = {int(matched_gt_index[bad])} is outside [0, G) = [0, {num_gt})")
+
+
 def mask_targets(
     gt_masks: Tensor, proposals: Tensor, matched_gt_index: Tensor, mask_size: int, threshold: float | None = None
 ) -> Tensor:
@@ -194,24 +206,7 @@ def mask_targets(
     gt_masks `[G, H, W]` uint8, bool or float; proposals `[R, 4]` float (x1, y1, x2, y2) in image
     pixels; matched_gt_index `[R]` int64 in `[0, G)` -> `[R, M, M]` in the proposals' dtype.
     """
-    if not isinstance(gt_masks, Tensor) or gt_masks.dim() != 3:
-        raise ValueError(f"gt_masks must be [G, H, W], got shape {tuple(getattr(gt_masks, 'shape', ()))}")
-    if not isinstance(proposals, Tensor) or proposals.dim() != 2 or proposals.shape[1] != 4 or not proposals.is_floating_point():
-        raise ValueError(f"proposals must be a float [R, 4] tensor, got {getattr(proposals, 'dtype', None)} "
-                         f"of shape {tuple(getattr(proposals, 'shape', ()))}")
-    if not isinstance(matched_gt_index, Tensor) or tuple(matched_gt_index.shape) != (proposals.shape[0],) \
-            or matched_gt_index.is_floating_point():
-        raise ValueError(f"matched_gt_index must be an integer [R] = [{proposals.shape[0]}] tensor, "
-                         f"got shape {tuple(getattr(matched_gt_index, 'shape', ()))}")
-    if not isinstance(mask_size, int) or mask_size < 1:
-        raise ValueError(f"mask_size must be a positive int, got {mask_size!r}")
-    if threshold is not None and not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be None or in (0, 1), got {threshold}")
-    num_gt = gt_masks.shape[0]
-    if matched_gt_index.numel() and bool(((matched_gt_index < 0) | (matched_gt_index >= num_gt)).any()):
-        bad = int(((matched_gt_index < 0) | (matched_gt_index >= num_gt)).nonzero()[0, 0])
-        raise ValueError(f"matched_gt_index[{bad}] = {int(matched_gt_index[bad])} is outside [0, G) = [0, {num_gt})")
-
+    check_mask_target_inputs(gt_masks, proposals, matched_gt_index, mask_size, threshold)
     # each RoI samples the ground-truth mask it matched: that mask's index is its "batch index"
     rois = torch.cat([matched_gt_index[:, None].to(proposals.dtype), proposals], dim=1)  # [R, 5]
     masks = gt_masks[:, None].to(proposals.dtype)  # [G, 1, H, W]

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from mrcnn.anchors import AnchorGenerator
-from mrcnn.architectures import c4_heads, fpn_heads
+from mrcnn.architectures import build_roi_pooler, c4_heads, fpn_heads
 from mrcnn.backbone import ResNet, resnet50, resnet101, resnet_small
 from mrcnn.box_head import BoxBranch
 from mrcnn.config import MaskRCNNConfig
@@ -34,7 +34,6 @@ from mrcnn.fuse import fold_frozen_batchnorm
 from mrcnn.inference import paste_detection_masks
 from mrcnn.keypoint_head import KeypointBranch, KeypointHead, KeypointPredictor
 from mrcnn.mask_head import MaskBranch
-from mrcnn.roi_warp import build_roi_pooler
 from mrcnn.rpn import RegionProposalNetwork, RPNHead
 from mrcnn.transform import ImageTransform, resize_boxes, resize_keypoints
 
@@ -106,7 +105,7 @@ class MaskRCNN(nn.Module):
         self.mask_branch = None
         if config.mask:
             self.mask_branch = MaskBranch(pooler(heads.mask_pool_size), heads.mask_head, heads.mask_predictor,
-                                          loss=config.mask_loss, class_agnostic=config.class_agnostic_masks)  # fmt: skip
+                                          loss=config.mask_loss)  # class-agnostic: a predictor of one channel
         self.keypoint_branch = None
         if config.num_keypoints > 0:  # Keypoint R-CNN (section 5)
             self.keypoint_branch = KeypointBranch(
@@ -175,6 +174,11 @@ class MaskRCNN(nn.Module):
                 if field not in target:
                     raise ValueError(f"image {index}: training the {name} branch needs target[{field!r}], "
                                      f"but the target has only {sorted(target)}")  # fmt: skip
+            keypoints = target.get("keypoints")
+            if self.keypoint_branch is not None and keypoints is not None and keypoints.dim() == 3 \
+                    and keypoints.shape[1] != self.config.num_keypoints:
+                raise ValueError(f"image {index}: targets have {keypoints.shape[1]} keypoints per object, "
+                                 f"the model {self.config.num_keypoints}")  # fmt: skip
             labels = target.get("labels")
             if labels is None or labels.numel() == 0:
                 continue

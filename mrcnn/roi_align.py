@@ -22,34 +22,40 @@ counts in the average); a sample within that pixel is clamped onto the border.
 Shapes (the book's legend): N images, C channels, H x W feature map, R RoIs, P pooled size.
 `rois` is `[R, 5]`: `(batch_index, x1, y1, x2, y2)` in image coordinates.
 
+Under mixed precision the RoIs stay float32 while the features may be float16 or bfloat16: a
+box coordinate of 1330 is 1328 in bfloat16, four pixels off. The sampling positions and the
+bilinear weights are then computed in float32 and only the result takes the features' dtype.
+
 Three implementations share this definition:
 
 - `roi_align_reference`: the readable one below, which gathers the four neighbours of every
   sample. It is the definition the others are tested against.
 - `kernels.roi_align`: the Triton kernels, used for CUDA tensors.
-- `mrcnn.roi_align_cpu`: the same numbers as one sparse matrix product, the path `roi_align`
-  and `MultiLevelRoIAlign` take on a CPU (several times faster than a per-channel loop).
+- `mrcnn.roi_align_cpu`: the same numbers as one sparse matrix product, the path taken on a CPU
+  (several times faster than a per-channel loop).
+
+`mrcnn.poolers` chooses between them (`roi_align`) and pools from the FPN level of each RoI's
+size (`MultiLevelRoIAlign`).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch import Tensor, nn
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what kernels.roi_align computes in
+from torch import Tensor
 
 
-def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+def pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    """An output size `P` or `(P_h, P_w)` as `(P_h, P_w)`."""
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def check_roi_inputs(features: Tensor, rois: Tensor) -> None:
     """Raise a `ValueError` naming the problem if `features` and `rois` cannot be pooled.
 
-    features: `[N, C, H, W]` floating point; rois: `[R, 5]` of the same dtype and device, finite,
-    with batch indices in `[0, N)`. Checked before any work is done.
+    features: `[N, C, H, W]` floating point; rois: `[R, 5]` on the same device, of the features'
+    dtype or float32 (mixed precision keeps boxes in float32), finite, with batch indices in
+    `[0, N)`. Checked before any work is done, by the public functions only: the values are read
+    back to the host, which on a GPU is a synchronisation.
     """
     if not isinstance(features, Tensor) or features.dim() != 4:
         raise ValueError(f"features must be a [N, C, H, W] tensor, got shape {tuple(getattr(features, 'shape', ()))}")
@@ -61,8 +67,8 @@ def check_roi_inputs(features: Tensor, rois: Tensor) -> None:
         )
     if rois.device != features.device:
         raise ValueError(f"features are on {features.device} but rois are on {rois.device}")
-    if rois.dtype != features.dtype:
-        raise ValueError(f"features are {features.dtype} but rois are {rois.dtype}; use the same dtype")
+    if rois.dtype not in (features.dtype, torch.float32):
+        raise ValueError(f"features are {features.dtype} but rois are {rois.dtype}; use float32 or the features' dtype")
     if rois.numel() == 0:
         return
     if features.shape[2] == 0 or features.shape[3] == 0:
@@ -160,10 +166,11 @@ def roi_align_reference(
 ) -> Tensor:
     """RoIAlign as defined in the module docstring: readable, vectorized, differentiable.
 
-    features `[N, C, H, W]`, rois `[R, 5]` -> `[R, C, P_h, P_w]`, same dtype as `features`.
+    features `[N, C, H, W]`, rois `[R, 5]` -> `[R, C, P_h, P_w]`, same dtype as `features`; the
+    samples and weights are computed in the dtype of `rois` (float32 under mixed precision).
     """
     check_roi_inputs(features, rois)
-    pooled_h, pooled_w = _pair(output_size)
+    pooled_h, pooled_w = pair(output_size)
     num_rois, channels, height, width = rois.shape[0], features.shape[1], features.shape[2], features.shape[3]
     if num_rois == 0:
         return features.new_zeros(0, channels, pooled_h, pooled_w) + 0 * features.sum()  # keeps the graph
@@ -173,8 +180,8 @@ def roi_align_reference(
     x_low, x_high, hx, lx, x_inside = bilinear_neighbours(x, width)  # each [R, P_w, G_w]
 
     # A sample counts when it is inside (both axes) and part of its RoI's own grid.
-    y_keep = (y_inside & y_used).to(features.dtype)  # [R, P_h, G_h]
-    x_keep = (x_inside & x_used).to(features.dtype)  # [R, P_w, G_w]
+    y_keep = (y_inside & y_used).to(rois.dtype)  # [R, P_h, G_h]
+    x_keep = (x_inside & x_used).to(rois.dtype)  # [R, P_w, G_w]
 
     batch = rois[:, 0].to(torch.int64)[:, None, None, None, None]  # [R, 1, 1, 1, 1]
 
@@ -195,7 +202,7 @@ def roi_align_reference(
     value = value * outer(y_keep, x_keep)
     # the average over the g_h x g_w samples of each bin
     pooled = value.sum(dim=(2, 4)) / count[:, None, None, None]  # [R, P_h, P_w, C]
-    return pooled.permute(0, 3, 1, 2).contiguous()  # [R, C, P_h, P_w]
+    return pooled.permute(0, 3, 1, 2).contiguous().to(features.dtype)  # [R, C, P_h, P_w]
 
 
 def roi_pool_bins(
@@ -244,7 +251,7 @@ def roi_pool(features: Tensor, rois: Tensor, output_size: int | tuple[int, int],
     features `[N, C, H, W]`, rois `[R, 5]` -> `[R, C, P_h, P_w]`.
     """
     check_roi_inputs(features, rois)
-    pooled_h, pooled_w = _pair(output_size)
+    pooled_h, pooled_w = pair(output_size)
     num_rois, channels, height, width = rois.shape[0], *features.shape[1:]
     if num_rois == 0:
         return features.new_zeros(0, channels, pooled_h, pooled_w) + 0 * features.sum()
@@ -266,105 +273,3 @@ def roi_pool(features: Tensor, rois: Tensor, output_size: int | tuple[int, int],
     empty = ~used.any(dim=4).any(dim=2)  # [R, P_h, P_w]: a bin clipped away entirely gives 0
     pooled = pooled.masked_fill(empty[..., None], 0.0)
     return pooled.permute(0, 3, 1, 2).contiguous()  # [R, C, P_h, P_w]
-
-
-def fpn_level(boxes: Tensor, min_level: int, max_level: int, canonical_level: int = 4, canonical_size: float = 224.0, eps: float = 1e-6) -> Tensor:
-    """The FPN level of each RoI: `k = floor(k0 + log2(sqrt(w h) / 224))`, clamped (FPN paper, eq. 1).
-
-    boxes `[R, 4]` (x1, y1, x2, y2) -> `[R]` int64 levels in `[min_level, max_level]`. A 224 x 224
-    RoI goes to P4; halve its side and it moves one level down. The small `eps` keeps a RoI of
-    exactly 112 x 112 on P3 despite rounding in log2, as the reference implementations do. A
-    box inverted on one axis (negative area) goes to the finest level, as an empty one does.
-    """
-    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0)  # [R]
-    size = torch.sqrt(area)  # [R]
-    level = torch.floor(canonical_level + torch.log2(size / canonical_size) + torch.tensor(eps, dtype=size.dtype))
-    return level.clamp(min=min_level, max=max_level).to(torch.int64)
-
-
-def roi_align(
-    features: Tensor,
-    rois: Tensor,
-    output_size: int | tuple[int, int],
-    spatial_scale: float = 1.0,
-    sampling_ratio: int = -1,
-    aligned: bool = False,
-    use_kernel: bool | None = None,
-) -> Tensor:
-    """RoIAlign, dispatched to the fastest implementation for the device.
-
-    Same arguments and result as `roi_align_reference` (up to float rounding), differentiable
-    with respect to `features`. `use_kernel=None` (the default) runs the Triton kernel when
-    `features` are on CUDA in a dtype it supports (float32, float16, bfloat16) and Triton
-    imports, and the sparse-matrix path of `mrcnn.roi_align_cpu` otherwise; `True` or `False`
-    forces the choice.
-    """
-    check_roi_inputs(features, rois)
-    if use_kernel is None:
-        use_kernel = features.is_cuda and features.dtype in KERNEL_DTYPES and kernels_available()
-    if use_kernel:
-        from kernels.roi_align import roi_align as roi_align_kernel
-
-        return roi_align_kernel(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
-    from mrcnn.roi_align_cpu import sparse_roi_align  # imported here: it builds on this module
-
-    level = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)  # [R], one map
-    return sparse_roi_align([features], rois, level, _pair(output_size), [spatial_scale], sampling_ratio, aligned)
-
-
-def kernels_available() -> bool:
-    """True when the Triton kernels can be imported (Triton installed)."""
-    try:
-        import kernels.roi_align  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-class MultiLevelRoIAlign(nn.Module):
-    """Pool each RoI from the one FPN level that suits its size (paper section 3, "Network Architecture").
-
-    Args:
-        output_size: P (7 for the box head, 14 for the mask head).
-        strides: the strides of the feature maps passed to `forward`, finest first, powers of
-            two, for example `(4, 8, 16, 32)` for P2-P5.
-        sampling_ratio, aligned: as in `roi_align`.
-    """
-
-    def __init__(self, output_size: int, strides: tuple[int, ...] = (4, 8, 16, 32), sampling_ratio: int = 2, aligned: bool = False):
-        super().__init__()
-        self.output_size = output_size
-        self.strides = tuple(strides)
-        self.levels = tuple(int(round(math.log2(s))) for s in self.strides)  # stride 4 -> level 2
-        self.sampling_ratio = sampling_ratio
-        self.aligned = aligned
-
-    def forward(self, features: list[Tensor], rois: Tensor, use_kernel: bool | None = None) -> Tensor:
-        """features: one `[N, C, H_l, W_l]` map per level; rois `[R, 5]` -> `[R, C, P, P]`.
-
-        `use_kernel` as in `roi_align`; without the kernel, all levels are pooled by one call of
-        the sparse-matrix path (`mrcnn.roi_align_cpu`).
-        """
-        if len(features) != len(self.strides):
-            raise ValueError(f"expected {len(self.strides)} feature maps (strides {self.strides}), got {len(features)}")
-        for feature in features:
-            check_roi_inputs(feature, rois)
-            if feature.shape[:2] != features[0].shape[:2]:
-                raise ValueError(
-                    f"all levels must have the same images and channels, got {tuple(feature.shape[:2])} and {tuple(features[0].shape[:2])}"
-                )
-        if use_kernel is None:
-            use_kernel = features[0].is_cuda and features[0].dtype in KERNEL_DTYPES and kernels_available()
-        if use_kernel:
-            from kernels.roi_align import multi_level_roi_align
-
-            return multi_level_roi_align(
-                features, rois, self.output_size, [1.0 / s for s in self.strides], self.sampling_ratio, self.aligned,
-                min_level=self.levels[0],
-            )
-        from mrcnn.roi_align_cpu import sparse_roi_align  # imported here: it builds on this module
-
-        level = fpn_level(rois[:, 1:], self.levels[0], self.levels[-1]) - self.levels[0]  # [R], index into features
-        output_size = (self.output_size, self.output_size)
-        scales = [1.0 / stride for stride in self.strides]
-        return sparse_roi_align(features, rois, level, output_size, scales, self.sampling_ratio, self.aligned)

@@ -193,13 +193,14 @@ class SparseRoIAlignFunction(torch.autograd.Function):
         sampling_ratio, aligned)`, features: L maps `[N, C, H_l, W_l]` -> pooled rows `[R, P_h P_w, C]`."""
         (pooled_h, pooled_w), spatial_scales, sampling_ratio, aligned = geometry
         num_rois, bins, channels = rois.shape[0], pooled_h * pooled_w, features[0].shape[1]
-        out = features[0].new_empty(num_rois, bins, channels)  # [R, P_h P_w, C]; every RoI has one level
+        out = features[0].new_zeros(num_rois, bins, channels)  # [R, P_h P_w, C]; a RoI of level -1 stays zero
         pieces = []  # per map, its chunks of S: (rois of the chunk, columns, weights, pixels read or None)
         for index, (feature, scale) in enumerate(zip(features, spatial_scales)):
             num_images, _, height, width = feature.shape
             chosen = torch.nonzero(level == index).squeeze(1)  # [R_l]
             pieces.append([])
             for part, column, weight in interpolation_chunks(rois, chosen, (pooled_h, pooled_w), scale, sampling_ratio, aligned, height, width):
+                weight = weight.to(feature.dtype)  # computed in the RoIs' dtype (float32 under mixed precision)
                 if is_channels_last(feature):
                     pixels, rows = None, feature.permute(0, 2, 3, 1).reshape(-1, channels)  # [N H W, C], a view
                 else:  # gather the rows S reads, and renumber S's columns to them
@@ -255,8 +256,9 @@ def sparse_roi_align(
 ) -> Tensor:
     """RoIAlign of every RoI from the map `level[r]` chooses, by equations (1) and (2).
 
-    features: `[N, C, H_l, W_l]` per map; rois `[R, 5]`; level `[R]` int64 indices into
-    `features`; spatial_scales: one per map. Returns `[R, C, P_h, P_w]`, contiguous, with the
+    features: `[N, C, H_l, W_l]` per map; rois `[R, 5]` (float32 or the features' dtype); level
+    `[R]` int64 indices into `features`, -1 for a RoI that no map serves (it pools zeros);
+    spatial_scales: one per map. Returns `[R, C, P_h, P_w]`, contiguous, with the
     same numbers as `roi_align_reference` up to float rounding; differentiable with respect to
     the features. Inputs are assumed checked (`check_roi_inputs`).
     """

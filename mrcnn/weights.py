@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from mrcnn.backbone import from_torchvision_resnet
-from mrcnn.config import MaskRCNNConfig, torchvision_maskrcnn_resnet50_fpn
+from mrcnn.config import MaskRCNNConfig, torchvision_keypointrcnn_resnet50_fpn, torchvision_maskrcnn_resnet50_fpn
 from mrcnn.fpn import from_torchvision_fpn
 from mrcnn.model import MaskRCNN
 
@@ -46,7 +46,7 @@ def load_state_dict_file(path: str | os.PathLike) -> StateDict:
     return state_dict
 
 
-def _as_state_dict(path_or_state_dict: str | os.PathLike | StateDict) -> StateDict:
+def as_state_dict(path_or_state_dict: str | os.PathLike | StateDict) -> StateDict:
     if isinstance(path_or_state_dict, dict):
         return path_or_state_dict
     return load_state_dict_file(path_or_state_dict)
@@ -89,7 +89,7 @@ def torchvision_to_ours(state_dict: StateDict, model: MaskRCNN) -> tuple[StateDi
     return ours, sorted(unused)
 
 
-def _load_strictly(module: torch.nn.Module, state_dict: StateDict, unused: list[str], source: str) -> None:
+def load_strictly(module: torch.nn.Module, state_dict: StateDict, unused: list[str], source: str) -> None:
     expected = module.state_dict()
     # a trainable batch norm's step counter is no weight: torchvision's import drops it, the module keeps its own
     state_dict = {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked")}, **state_dict}
@@ -120,7 +120,7 @@ def from_torchvision(path_or_state_dict: str | os.PathLike | StateDict, config: 
     that K. Given the same image, the model then gives torchvision's detections.
     """
     source = str(path_or_state_dict) if not isinstance(path_or_state_dict, dict) else "state dict"
-    state_dict = _as_state_dict(path_or_state_dict)
+    state_dict = as_state_dict(path_or_state_dict)
     class_weight = state_dict.get("roi_heads.box_predictor.cls_score.weight")
     if class_weight is None:
         raise ValueError(f"{source}: not a torchvision Mask R-CNN state dict (no roi_heads.box_predictor.cls_score.weight)")
@@ -128,7 +128,7 @@ def from_torchvision(path_or_state_dict: str | os.PathLike | StateDict, config: 
     config = config.replace(num_classes=num_classes) if config is not None else torchvision_maskrcnn_resnet50_fpn(num_classes)
     model = MaskRCNN(config)
     ours, unused = torchvision_to_ours(state_dict, model)
-    _load_strictly(model, ours, unused, source)
+    load_strictly(model, ours, unused, source)
     return model.eval()
 
 
@@ -140,10 +140,39 @@ def load_torchvision_resnet_backbone(model: MaskRCNN, path_or_state_dict: str | 
     res4 and res5 is the head of both branches (paper Figure 4, left): the file's res5 fills it.
     """
     source = str(path_or_state_dict) if not isinstance(path_or_state_dict, dict) else "state dict"
-    state_dict = _as_state_dict(path_or_state_dict)
+    state_dict = as_state_dict(path_or_state_dict)
     renamed = from_torchvision_resnet(state_dict)  # every key but fc.* gets a name of ours
     if model.config.architecture == "c4":  # res5 is the shared head: box_branch.head.res5 (= mask_branch.head.res5)
         res5 = {key[len("res5."):]: renamed.pop(key) for key in [k for k in renamed if k.startswith("res5.")]}
-        _load_strictly(model.box_branch.head.res5, res5, [], source)
-    _load_strictly(model.backbone, renamed, [], source)
+        load_strictly(model.box_branch.head.res5, res5, [], source)
+    load_strictly(model.backbone, renamed, [], source)
     return model
+
+
+def from_torchvision_keypoint_rcnn(path_or_state_dict: str | os.PathLike | StateDict,
+                                   config: MaskRCNNConfig | None = None) -> MaskRCNN:  # fmt: skip
+    """A ready Keypoint R-CNN of ours (eval mode) with the weights of torchvision's `keypointrcnn_resnet50_fpn`.
+
+    The backbone, FPN, RPN and box branch load as in `from_torchvision`, the keypoint branch
+    through `KeypointBranch.torchvision_key_map`; the import is strict (every tensor used and
+    filled). The numbers of classes and keypoints are read from the file; the config defaults to
+    the `torchvision_keypointrcnn_resnet50_fpn` preset.
+    """
+    source = str(path_or_state_dict) if not isinstance(path_or_state_dict, dict) else "state dict"
+    state_dict = as_state_dict(path_or_state_dict)
+    class_weight = state_dict.get("roi_heads.box_predictor.cls_score.weight")
+    deconv_weight = state_dict.get("roi_heads.keypoint_predictor.kps_score_lowres.weight")
+    if class_weight is None or deconv_weight is None:
+        raise ValueError(f"{source}: not a torchvision Keypoint R-CNN state dict (no box predictor or keypoint predictor)")
+    num_classes, num_keypoints = int(class_weight.shape[0]), int(deconv_weight.shape[1])
+    if config is None:
+        config = torchvision_keypointrcnn_resnet50_fpn(num_classes, num_keypoints)
+    model = MaskRCNN(config.replace(num_classes=num_classes, num_keypoints=num_keypoints))
+    if model.keypoint_branch is None:
+        raise ValueError("the config builds no keypoint branch")
+    ours, unused = torchvision_to_ours(state_dict, model)
+    key_map = model.keypoint_branch.torchvision_key_map()
+    ours.update({f"keypoint_branch.{k}": state_dict[v] for k, v in key_map.items() if v in state_dict})
+    unused = [k for k in unused if k not in set(key_map.values())]
+    load_strictly(model, ours, unused, source)
+    return model.eval()

@@ -16,7 +16,7 @@ from mrcnn.box_head import (
 )
 from mrcnn.boxes import BoxCoder
 from mrcnn.matcher import BalancedSampler, Matcher
-from mrcnn.roi_align import MultiLevelRoIAlign
+from mrcnn.poolers import MultiLevelRoIAlign
 
 BOX_CODER = BoxCoder((10.0, 10.0, 5.0, 5.0))
 

@@ -5,8 +5,9 @@ import pytest
 from mrcnn.config import PRESETS, MaskRCNNConfig, detectron2_r50_fpn_1x, shapes_small, torchvision_maskrcnn_resnet50_fpn
 from mrcnn.mask_head import MaskHead, MaskPredictor, MLPMaskHead, MLPMaskPredictor
 from mrcnn.model import MaskRCNN
-from mrcnn.roi_align import MultiLevelRoIAlign, roi_pool
-from mrcnn.roi_warp import MultiLevelRoIPooler
+from mrcnn.roi_align import roi_pool
+from mrcnn.poolers import MultiLevelRoIAlign
+from mrcnn.poolers import MultiLevelRoIPooler
 
 
 def test_defaults_are_the_papers_choices():
@@ -85,5 +86,5 @@ def test_mask_switches_choose_head_predictor_and_loss(class_agnostic, mask_head)
     else:
         assert type(branch.head) is MLPMaskHead and type(branch.predictor) is MLPMaskPredictor
         assert branch.predictor.mask_logits.out_features == masks * 28 * 28 and branch.predictor.mask_size == 28
-    assert branch.class_agnostic is class_agnostic and branch.loss_function == "sigmoid"
+    assert (branch.predictor.num_masks == 1) is class_agnostic and branch.loss_function == "sigmoid"
     assert MaskRCNN(shapes_small().replace(mask_loss="softmax")).mask_branch.loss_function == "softmax"

@@ -18,7 +18,7 @@ from mrcnn.config import shapes_small
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.mask_loss import mask_loss_reference
 from mrcnn.model import MaskRCNN
-from mrcnn.roi_align import MultiLevelRoIAlign
+from mrcnn.poolers import MultiLevelRoIAlign
 from mrcnn.train import TrainSettings, read_log, train
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"

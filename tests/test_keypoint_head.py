@@ -16,7 +16,7 @@ from mrcnn.keypoint_head import (
     keypoint_targets,
     uniform_loss,
 )
-from mrcnn.roi_align import MultiLevelRoIAlign
+from mrcnn.poolers import MultiLevelRoIAlign
 
 STRIDES = (4, 8, 16, 32)
 
@@ -156,14 +156,11 @@ def test_branch_trains_on_positive_rois_and_predicts_on_detections():
     expected_targets, valid = keypoint_targets(torch.cat([keypoints[0], keypoints[1][:1]]), positive_boxes, 56)
     assert valid.sum() == 5  # v = 0 and the keypoint on the box's corner... (70, 50) is inside; (0, 0) is not
     torch.testing.assert_close(losses["loss_keypoint"], keypoint_loss(logits, expected_targets, valid))
-    with pytest.raises(ValueError, match="keypoints"):
-        branch.loss(features, rois, [{}, {}])
     detections = [{"boxes": positive_boxes, "labels": torch.tensor([1, 1]), "scores": torch.tensor([0.9, 0.8])},
                   {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}]
     branch.eval()
     with torch.no_grad():
-        results, no_losses = branch(features, detections)
-    assert no_losses == {}
+        results = branch.predict(features, detections)
     assert results[0]["keypoints"].shape == (2, 3, 3) and results[1]["keypoints"].shape == (0, 3, 3)
     assert results[0]["keypoints_scores"].shape == (2, 3)
     inside = (results[0]["keypoints"][..., :2] >= positive_boxes[:, None, :2]) & (results[0]["keypoints"][..., :2] <= positive_boxes[:, None, 2:])
@@ -286,7 +283,7 @@ def test_torchvision_keypoint_rcnn_weights_give_the_same_keypoints(tmp_path):
     from torchvision.models.detection.keypoint_rcnn import KeypointRCNN
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    from mrcnn.keypoint_head import from_torchvision_keypoint_rcnn
+    from mrcnn.weights import from_torchvision_keypoint_rcnn
 
     # keypointrcnn_resnet50_fpn as built for pretrained weights (frozen batch norm, 3 trainable stages)
     torch.manual_seed(0)

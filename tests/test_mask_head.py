@@ -7,8 +7,8 @@ import torch
 
 from mrcnn.box_head import BoxBranch, BoxHead, BoxPredictor, TrainingRoIs, boxes_to_rois
 from mrcnn.mask_head import MaskBranch, MaskHead, MaskPredictor, MLPMaskHead, MLPMaskPredictor
-from mrcnn.mask_loss import class_agnostic_mask_loss, mask_loss, mask_targets, multinomial_mask_loss
-from mrcnn.roi_align import MultiLevelRoIAlign
+from mrcnn.mask_loss import mask_loss, mask_targets, multinomial_mask_loss
+from mrcnn.poolers import MultiLevelRoIAlign
 
 STRIDES = (4, 8, 16, 32)
 
@@ -70,14 +70,11 @@ def test_inference_returns_the_predicted_class_probabilities():
     ]
     features = pyramid()
     with torch.no_grad():
-        results, losses = branch(features, detections)
-    assert losses == {}
+        results = branch.predict(features, detections)
     assert results[0]["masks"].shape == (2, 1, 28, 28) and results[1]["masks"].shape == (0, 1, 28, 28)
     assert torch.allclose(results[0]["masks"][0], torch.full((1, 28, 28), torch.sigmoid(torch.tensor(0.3)).item()))
     assert torch.allclose(results[0]["masks"][1], torch.full((1, 28, 28), torch.sigmoid(torch.tensor(0.1)).item()))
     assert results[0]["scores"] is detections[0]["scores"]
-    with torch.no_grad():
-        assert torch.equal(branch.predict(features, detections)[0]["masks"], results[0]["masks"])  # forward = predict
 
 
 def training_batch():
@@ -103,9 +100,9 @@ def test_training_scores_the_positive_rois_only():
     branch = small_branch().train()
     features = pyramid()
     rois, targets = training_batch()
-    passed_through, losses = branch(features, rois, targets)
-    assert passed_through is rois and set(losses) == {"loss_mask"}
-    assert torch.equal(branch.loss(features, rois, targets)["loss_mask"], losses["loss_mask"])  # forward = loss
+    losses = branch.loss(features, rois, targets)
+    assert set(losses) == {"loss_mask"}
+    assert torch.equal(branch.loss(features, rois, targets)["loss_mask"], losses["loss_mask"])  # repeatable
 
     # by hand: the two positive RoIs of image 0, their objects' masks and classes
     positive_boxes = rois.boxes[0][[0, 2]]
@@ -125,7 +122,7 @@ def test_training_scores_the_positive_rois_only():
 
     # background RoIs do not matter: move them anywhere, the loss stays
     rois.boxes[0][1] = torch.tensor([30.0, 30.0, 60.0, 50.0])
-    assert torch.allclose(branch(features, rois, targets)[1]["loss_mask"], expected)
+    assert torch.allclose(branch.loss(features, rois, targets)["loss_mask"], expected)
 
     losses["loss_mask"].backward()
     assert branch.predictor.mask_logits.weight.grad.abs().sum() > 0
@@ -135,7 +132,7 @@ def test_training_without_positives_gives_a_zero_that_backpropagates():
     branch = small_branch().train()
     rois, targets = training_batch()
     rois = rois._replace(labels=[torch.zeros(3, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)])
-    _, losses = branch(pyramid(), rois, targets)
+    losses = branch.loss(pyramid(), rois, targets)
     assert losses["loss_mask"].item() == 0
     losses["loss_mask"].backward()
 
@@ -143,15 +140,9 @@ def test_training_without_positives_gives_a_zero_that_backpropagates():
 def test_mlp_variant_trains():
     branch = MaskBranch(MultiLevelRoIAlign(14), MLPMaskHead(8, 14, (32, 32)), MLPMaskPredictor(32, 5, 28)).train()
     rois, targets = training_batch()
-    _, losses = branch(pyramid(), rois, targets)
+    losses = branch.loss(pyramid(), rois, targets)
     losses["loss_mask"].backward()
     assert torch.isfinite(losses["loss_mask"]) and branch.head.layers[0].weight.grad.abs().sum() > 0
-
-
-def test_training_needs_masks():
-    rois, targets = training_batch()
-    with pytest.raises(ValueError, match="masks"):
-        small_branch().train()(pyramid(), rois, [{k: v for k, v in t.items() if k != "masks"} for t in targets])
 
 
 # --- the ablations of Table 2b: softmax over classes, class-agnostic masks -------------------
@@ -172,20 +163,20 @@ def test_softmax_loss_is_the_multinomial_loss_and_differs_from_the_sigmoid():
     features = pyramid()
     rois, targets = training_batch()
     logits, labels, target = positive_logits_and_targets(softmax, features, rois, targets)
-    loss = softmax(features, rois, targets)[1]["loss_mask"]
+    loss = softmax.loss(features, rois, targets)["loss_mask"]
     torch.testing.assert_close(loss, multinomial_mask_loss(logits, labels, target))
-    assert not torch.allclose(loss, sigmoid(features, rois, targets)[1]["loss_mask"])
+    assert not torch.allclose(loss, sigmoid.loss(features, rois, targets)["loss_mask"])
 
 
 def test_class_agnostic_loss_uses_the_one_channel():
     torch.manual_seed(0)
-    branch = MaskBranch(MultiLevelRoIAlign(14, STRIDES), MaskHead(8, (8,) * 4), MaskPredictor(8, 8, 1), class_agnostic=True)
+    branch = MaskBranch(MultiLevelRoIAlign(14, STRIDES), MaskHead(8, (8,) * 4), MaskPredictor(8, 8, 1))  # one channel
     features = pyramid()
     rois, targets = training_batch()
     logits, _, target = positive_logits_and_targets(branch, features, rois, targets)
     assert logits.shape == (2, 1, 28, 28)
-    loss = branch.train()(features, rois, targets)[1]["loss_mask"]
-    torch.testing.assert_close(loss, class_agnostic_mask_loss(logits, target))
+    loss = branch.train().loss(features, rois, targets)["loss_mask"]
+    torch.testing.assert_close(loss, mask_loss(logits, torch.zeros(2, dtype=torch.int64), target))
     loss.backward()
     assert branch.predictor.mask_logits.weight.grad.abs().sum() > 0
 
@@ -200,7 +191,7 @@ def test_inference_of_the_softmax_and_class_agnostic_variants():
     p = torch.softmax(torch.arange(5) * 0.1, dim=0)  # the softmax of the constant logits 0.1 k
     torch.testing.assert_close(masks[0], torch.full((1, 28, 28), p[3].item()))
     torch.testing.assert_close(masks[1], torch.full((1, 28, 28), p[1].item()))
-    agnostic = MaskBranch(MultiLevelRoIAlign(14), MaskHead(8, (8,) * 4), constant_class_predictor(1), class_agnostic=True).eval()
+    agnostic = MaskBranch(MultiLevelRoIAlign(14), MaskHead(8, (8,) * 4), constant_class_predictor(1)).eval()
     with torch.no_grad():
         agnostic.predictor.mask_logits.bias.fill_(0.7)
         masks = agnostic.predict(features, detections)[0]["masks"]
@@ -212,7 +203,7 @@ def test_mask_branch_bad_variants_are_value_errors():
     with pytest.raises(ValueError, match="unknown mask loss 'bce'"):
         MaskBranch(*parts, loss="bce")
     with pytest.raises(ValueError, match="class-agnostic"):
-        MaskBranch(*parts, loss="softmax", class_agnostic=True)
+        MaskBranch(*parts, loss="softmax")  # one channel: class-agnostic
 
 
 # --- against torchvision ------------------------------------------------------------------
@@ -285,7 +276,7 @@ def test_branches_match_torchvision_roi_heads():
     for module in (box_branch, mask_branch, reference):
         module.eval()
     with torch.no_grad():
-        detections, _ = mask_branch(features, box_branch(features, proposals, sizes)[0])
+        detections = mask_branch.predict(features, box_branch(features, proposals, sizes)[0])
         expected, _ = reference(named, proposals, sizes)
     for ours, theirs in zip(detections, expected):
         assert ours["masks"].shape[0] > 0
@@ -296,7 +287,7 @@ def test_branches_match_torchvision_roi_heads():
         module.train()
     torch.manual_seed(7)
     rois, losses = box_branch(features, proposals, sizes, targets)
-    _, mask_losses = mask_branch(features, rois, targets)
+    mask_losses = mask_branch.loss(features, rois, targets)
     torch.manual_seed(7)
     _, expected_losses = reference(named, [p.clone() for p in proposals], sizes, targets)
     losses.update(mask_losses)

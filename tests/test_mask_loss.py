@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from mrcnn.mask_loss import (
-    class_agnostic_mask_loss,
     gathered_mask_logits,
     mask_loss,
     mask_loss_reference,
@@ -229,13 +228,24 @@ def test_multinomial_bad_inputs_raise():
         multinomial_mask_loss(torch.zeros(1, 1, 2, 2), torch.tensor([0]), torch.ones(1, 2, 2))
 
 
-def test_class_agnostic_is_bce_on_the_single_channel():
+def test_class_agnostic_is_the_same_loss_on_one_channel():
+    # class-agnostic is a shape: K = 1 channel, and every RoI's label is that channel 0
     logits = torch.randn(4, 1, 6, 6)
     targets = torch.rand(4, 6, 6)
     expected = F.binary_cross_entropy_with_logits(logits[:, 0], targets)
-    assert class_agnostic_mask_loss(logits, targets).item() == pytest.approx(expected.item(), rel=1e-6)
-    with pytest.raises(ValueError, match="R, 1, M, M"):
-        class_agnostic_mask_loss(torch.randn(4, 2, 6, 6), targets)
+    assert mask_loss(logits, torch.zeros(4, dtype=torch.int64), targets).item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match=r"outside \[0, K\) = \[0, 1\)"):
+        mask_loss(logits, torch.ones(4, dtype=torch.int64), targets)
+
+
+def test_validate_false_skips_the_value_checks():
+    logits, targets = torch.randn(2, 3, 4, 4), torch.rand(2, 4, 4)
+    labels = torch.tensor([1, 2])
+    assert mask_loss(logits, labels, targets, validate=False) == mask_loss(logits, labels, targets)
+    with pytest.raises(ValueError, match="outside"):
+        mask_loss(logits, labels, targets * 2)
+    # the model's own targets are in [0, 1] by construction: without validation nothing is read back
+    assert torch.isfinite(mask_loss(logits, labels, targets * 2, validate=False))
 
 
 # ----- the gathered predictor -----

@@ -11,8 +11,11 @@ import math
 import pytest
 import torch
 
+import mrcnn.poolers as poolers
+from mrcnn.architectures import build_roi_pooler
 import mrcnn.roi_align_cpu as roi_align_cpu
-from mrcnn.roi_align import MultiLevelRoIAlign, fpn_level, roi_align, roi_align_reference, roi_pool
+from mrcnn.roi_align import roi_align_reference, roi_pool
+from mrcnn.poolers import MultiLevelRoIAlign, fpn_level, roi_align
 
 
 def naive_roi_align(features, rois, pooled, spatial_scale, sampling_ratio, aligned):
@@ -251,7 +254,7 @@ def test_fast_path_builds_the_matrix_in_chunks(monkeypatch):
 def test_roi_align_on_cpu_takes_the_sparse_path(monkeypatch):
     calls = []
     real = roi_align_cpu.sparse_roi_align
-    monkeypatch.setattr(roi_align_cpu, "sparse_roi_align", lambda *args: calls.append(args) or real(*args))
+    monkeypatch.setattr(poolers, "sparse_roi_align", lambda *args: calls.append(args) or real(*args))
     roi_align(torch.randn(1, 2, 5, 5), one_roi(0, 0, 4, 4).float(), 2)
     MultiLevelRoIAlign(2, strides=(1, 2))([torch.randn(1, 2, 8, 8), torch.randn(1, 2, 4, 4)], one_roi(0, 0, 4, 4).float())
     assert len(calls) == 2
@@ -365,7 +368,7 @@ def test_bad_input_is_a_value_error(pool):
         (features, torch.tensor([[0.0, 0.0, float("nan"), 2.0, 2.0]]), "finite"),
         (features, torch.tensor([[0.0, 0.0, 0.0, float("inf"), 2.0]]), "finite"),
         (features, good.to("meta"), "features are on cpu but rois are on meta"),
-        (features, good.double(), "use the same dtype"),
+        (features, good.double(), "use float32 or the features' dtype"),
         (torch.randn(2, 3, 0, 5), good, "empty 0 x 5 map"),
     ]
     for bad_features, bad_rois, message in cases:
@@ -378,10 +381,29 @@ def test_multi_level_bad_input_is_a_value_error():
     rois = torch.tensor([[0.0, 0.0, 0.0, 8.0, 8.0]])
     with pytest.raises(ValueError, match="expected 2 feature maps"):
         pooler([torch.randn(1, 2, 8, 8)], rois)
-    with pytest.raises(ValueError, match="same images and channels"):
+    with pytest.raises(ValueError, match="N, C, dtype and device of the first"):
         pooler([torch.randn(1, 2, 8, 8), torch.randn(1, 3, 4, 4)], rois)
+    with pytest.raises(ValueError, match="rois must be"):
+        pooler([torch.randn(1, 2, 8, 8), torch.randn(1, 2, 4, 4)], rois.double())
+    # the pooler is an inner layer: it reads no value of the RoIs (tests/test_no_sync.py), the door does
     with pytest.raises(ValueError, match="batch index"):
-        pooler([torch.randn(1, 2, 8, 8), torch.randn(1, 2, 4, 4)], rois + torch.tensor([1.0, 0, 0, 0, 0]))
+        roi_align(torch.randn(1, 2, 8, 8), rois + torch.tensor([1.0, 0, 0, 0, 0]), 2)
+
+
+@pytest.mark.parametrize("low_precision", [torch.float16, torch.bfloat16])
+def test_float32_rois_with_low_precision_features_sample_in_float32(low_precision):
+    # mixed precision: boxes stay float32, only the features are 16 bits; 1330 is 1328 in bfloat16
+    torch.manual_seed(0)
+    features = torch.randn(1, 3, 40, 360).to(low_precision)
+    rois = torch.tensor([[0.0, 1325.3, 20.7, 1338.9, 140.2]])
+    expected = roi_align_reference(features.double(), rois.double(), 5, 0.25, 2).to(low_precision)
+    for pooled in (roi_align_reference(features, rois, 5, 0.25, 2), roi_align(features, rois, 5, 0.25, 2),
+                   MultiLevelRoIAlign(5, (4,))([features], rois)):  # fmt: skip
+        assert pooled.dtype == low_precision
+        torch.testing.assert_close(pooled, expected, atol=0.02, rtol=0.02)  # sums rounded to 16 bits, samples exact
+    # RoIs rounded to the features' dtype move the samples (1325.3 is 1325 in float16, 1328 in bfloat16)
+    moved = roi_align_reference(features.double(), rois.to(low_precision).double(), 5, 0.25, 2)
+    assert (moved - expected.double()).abs().max() > 0.1
 
 
 # --- torchvision, the outside witness ------------------------------------------------------------
@@ -463,3 +485,21 @@ def test_command_line_mistakes_are_one_line_and_status_2(argv, message, tmp_path
     assert main([str(a_file) if arg == "FILE" else arg for arg in argv]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and message in captured.err and captured.err.count("\n") == 1 and "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("method", ["align", "pool"])
+def test_strides_that_skip_a_level_pool_zeros_for_the_missing_level(method):
+    # torchvision's ['feat1', 'feat3'] example: maps of stride 8 and 32 (levels 3 and 5), none for level 4
+    torch.manual_seed(0)
+    features = [torch.randn(1, 2, 32, 32), torch.randn(1, 2, 8, 8)]
+    rois = torch.tensor([[0.0, 0, 0, 100, 100],     # sqrt(area) 100: level 3
+                         [0.0, 0, 0, 224, 224],     # level 4: no map
+                         [0.0, 0, 0, 250, 250],     # level 4: no map
+                         [0.0, 0, 0, 250, 500]])    # sqrt(area) 354: level 4 too
+    rois = torch.cat([rois, torch.tensor([[0.0, 0, 0, 255, 255 * 4.0]])])  # sqrt(area) 510: level 5
+    pooler = MultiLevelRoIAlign(3, (8, 32)) if method == "align" else build_roi_pooler("pool", 3, (8, 32), 2, False)
+    out = pooler(features, rois)
+    single = (lambda f, r, s: roi_align(f, r, 3, s, 2)) if method == "align" else (lambda f, r, s: roi_pool(f, r, 3, s))
+    torch.testing.assert_close(out[0], single(features[0], rois[:1], 1 / 8)[0])
+    assert torch.equal(out[1:4], torch.zeros(3, 2, 3, 3))  # never memory nobody wrote
+    torch.testing.assert_close(out[4], single(features[1], rois[4:], 1 / 32)[0])

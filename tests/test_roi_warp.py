@@ -5,8 +5,11 @@ import math
 import pytest
 import torch
 
-from mrcnn.roi_align import MultiLevelRoIAlign, fpn_level, roi_align, roi_pool
-from mrcnn.roi_warp import MultiLevelRoIPooler, build_roi_pooler, quantize_rois, roi_warp
+from mrcnn.roi_align import roi_pool
+from mrcnn.poolers import MultiLevelRoIAlign, fpn_level, roi_align
+from mrcnn.poolers import MultiLevelRoIPooler
+from mrcnn.architectures import build_roi_pooler
+from mrcnn.roi_warp import quantize_rois, roi_warp
 
 STRIDES = (4, 8, 16, 32)
 

@@ -14,7 +14,8 @@ import torch
 
 import kernels.roi_align as kernel_module
 from kernels.roi_align import multi_level_roi_align, roi_align
-from mrcnn.roi_align import MultiLevelRoIAlign, roi_align_reference
+from mrcnn.roi_align import roi_align_reference
+from mrcnn.poolers import MultiLevelRoIAlign
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 # compiled Triton needs CUDA tensors; the interpreter runs on CPU tensors
