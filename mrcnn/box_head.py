@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mrcnn.boxes import BoxCoder, batched_nms, box_iou, clip_boxes, remove_small_boxes
+from mrcnn.boxes import BoxCoder, batched_nms, box_iou, clip_boxes, geometry_dtype, remove_small_boxes
 from mrcnn.matcher import BalancedSampler, Matcher
 from mrcnn.poolers import MultiLevelRoIAlign
 
@@ -76,7 +76,7 @@ class BoxPredictor(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = x.flatten(start_dim=1)  # [R, in_channels]
-        return self.class_logits(x), self.box_deltas(x)  # [R, K], [R, 4K]
+        return geometry_dtype(self.class_logits(x)), geometry_dtype(self.box_deltas(x))  # [R, K], [R, 4K], float32 at least
 
     def torchvision_key_map(self) -> dict[str, str]:
         """Our state-dict keys -> torchvision's `FastRCNNPredictor` keys (`cls_score`, `bbox_pred`)."""

@@ -43,14 +43,15 @@ def check_boxes(boxes: Tensor, name: str = "boxes") -> None:
         raise ValueError(f"{name} must be floating point, got {boxes.dtype}")
 
 
-def _upcast(boxes: Tensor) -> Tensor:
-    """float16/bfloat16 -> float32, so that products of coordinates cannot overflow."""
-    return boxes if boxes.dtype in (torch.float32, torch.float64) else boxes.float()
+def geometry_dtype(values: Tensor) -> Tensor:
+    """`values` in float32 at least: box geometry never runs in 16 bits, even under mixed precision
+    (a coordinate of 1330 is 1328 in bfloat16). float32 and float64 pass unchanged."""
+    return values.to(torch.promote_types(values.dtype, torch.float32))
 
 
 def box_area(boxes: Tensor) -> Tensor:
     """The area `(x2 - x1) (y2 - y1)` of each box: `[B, 4]` -> `[B]` (float32 or float64)."""
-    boxes = _upcast(boxes)
+    boxes = geometry_dtype(boxes)
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
@@ -61,7 +62,7 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """
     check_boxes(boxes1, "boxes1")
     check_boxes(boxes2, "boxes2")
-    boxes1, boxes2 = _upcast(boxes1), _upcast(boxes2)
+    boxes1, boxes2 = geometry_dtype(boxes1), geometry_dtype(boxes2)
     area1, area2 = box_area(boxes1), box_area(boxes2)  # [A], [B]
     corners1 = boxes1.T.contiguous()[:, :, None]  # [4, A, 1]: one contiguous row per coordinate,
     corners2 = boxes2.T.contiguous()[:, None, :]  # [4, 1, B]  so the [A, B] operations vectorize
@@ -191,7 +192,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, block_size: int = 2
     # torchvision compares its float IoU to the threshold as a double: IoU > t in float64 is
     # IoU > t' in the boxes' dtype, with t' the largest value of that dtype not above t
     threshold = torch.tensor(iou_threshold, dtype=torch.float64)
-    threshold_low = threshold.to(_upcast(boxes).dtype)
+    threshold_low = threshold.to(geometry_dtype(boxes).dtype)
     if threshold_low.double() > threshold:
         threshold_low = torch.nextafter(threshold_low, torch.tensor(-math.inf, dtype=threshold_low.dtype))
     threshold_low = float(threshold_low)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mrcnn.box_head import TrainingRoIs
+from mrcnn.boxes import geometry_dtype
 from mrcnn.branch import RoIBranch
 from mrcnn.mask_loss import gathered_mask_logits, mask_loss, mask_targets, multinomial_mask_loss
 
@@ -215,6 +216,7 @@ class MaskBranch(RoIBranch):
         mask_logits = self.logits(features, [d["boxes"] for d in detections])  # [D, K, M, M] ([D, 1, M, M])
         channel = self.mask_channel(torch.cat([d["labels"] for d in detections]))  # [D]
         detection_index = torch.arange(channel.shape[0], device=channel.device)  # [D]
+        mask_logits = geometry_dtype(mask_logits)  # the probabilities are pasted into the image in float32
         if self.loss_function == "softmax":
             probabilities = mask_logits.softmax(dim=1)[detection_index, channel][:, None]  # [D, 1, M, M]
         else:

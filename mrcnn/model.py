@@ -149,8 +149,9 @@ class MaskRCNN(nn.Module):
             detection["boxes"] = resize_boxes(detection["boxes"], size, original)
             if "keypoints" in detection:
                 detection["keypoints"] = resize_keypoints(detection["keypoints"], size, original)
-        if self.mask_branch is not None:
-            detections = paste_detection_masks(detections, original_sizes)  # masks [D, 1, H, W]
+        if self.mask_branch is not None:  # pasting is two matrix products: in float32, also under autocast
+            with torch.autocast(batch.device.type, enabled=False):
+                detections = paste_detection_masks(detections, original_sizes)  # masks [D, 1, H, W]
         return detections
 
     def feature_maps(self, batch: Tensor) -> tuple[list[Tensor], list[Tensor]]:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mrcnn.anchors import AnchorGenerator
-from mrcnn.boxes import BoxCoder, batched_nms, box_iou, clip_boxes, remove_small_boxes
+from mrcnn.boxes import BoxCoder, batched_nms, box_iou, clip_boxes, geometry_dtype, remove_small_boxes
 from mrcnn.matcher import BalancedSampler, Matcher
 
 
@@ -66,7 +66,8 @@ class RPNHead(nn.Module):
 def flatten_predictions(objectness: list[Tensor], box_deltas: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Put the head's outputs in anchor order (location-major, then anchor), levels concatenated.
 
-    Returns objectness `[N, sum_l H_l W_l A]` and deltas `[N, sum_l H_l W_l A, 4]`.
+    Returns objectness `[N, sum_l H_l W_l A]` and deltas `[N, sum_l H_l W_l A, 4]`, float32 at least: box
+    geometry is float32 always, also when the head ran in 16 bits under mixed precision.
     """
     flat_objectness, flat_deltas = [], []
     for logits, deltas in zip(objectness, box_deltas):
@@ -74,7 +75,7 @@ def flatten_predictions(objectness: list[Tensor], box_deltas: list[Tensor]) -> t
         flat_objectness.append(logits.permute(0, 2, 3, 1).reshape(n, h * w * a))  # [N, H_l W_l A]
         deltas = deltas.view(n, a, 4, h, w).permute(0, 3, 4, 1, 2)  # [N, H_l, W_l, A, 4]
         flat_deltas.append(deltas.reshape(n, h * w * a, 4))  # [N, H_l W_l A, 4]
-    return torch.cat(flat_objectness, dim=1), torch.cat(flat_deltas, dim=1)
+    return geometry_dtype(torch.cat(flat_objectness, dim=1)), geometry_dtype(torch.cat(flat_deltas, dim=1))
 
 
 class RegionProposalNetwork(nn.Module):
@@ -155,9 +156,8 @@ class RegionProposalNetwork(nn.Module):
         """
         num_images = features[0].shape[0]
         objectness, box_deltas = self.head(features)
-        anchors_per_level = self.anchor_generator(
-            padded_size, [f.shape[-2:] for f in features], device=features[0].device, dtype=features[0].dtype
-        )
+        anchors_per_level = self.anchor_generator(padded_size, [f.shape[-2:] for f in features], device=features[0].device,
+                                                  dtype=torch.promote_types(features[0].dtype, torch.float32))  # fmt: skip
         anchors = torch.cat(anchors_per_level)  # [T, 4], T anchors per image
         objectness, box_deltas = flatten_predictions(objectness, box_deltas)  # [N, T], [N, T, 4]
 
