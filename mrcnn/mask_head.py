@@ -96,6 +96,11 @@ class MaskPredictor(nn.Module):
         x = F.relu(self.deconv(x))  # [R, dim_reduced, 28, 28]
         return self.mask_logits(x)  # [R, K, 28, 28]
 
+    def reset_classes(self, num_classes: int) -> None:
+        """A fresh last layer for `num_classes` masks (fine-tuning to other classes); the deconvolution stays."""
+        self.mask_logits = nn.Conv2d(self.deconv.out_channels, num_classes, kernel_size=1).to(self.deconv.weight.device)
+        nn.init.kaiming_normal_(self.mask_logits.weight, mode="fan_out", nonlinearity="relu")
+
     def class_mask_logits(self, x: Tensor, labels: Tensor) -> Tensor:
         """The logits of one class per RoI, `labels` `[R]`: `[R, 1, 28, 28]`, equal to
         `self(x)[arange(R), labels][:, None]` with K times less work in the last layer, forward
@@ -145,6 +150,11 @@ class MLPMaskPredictor(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mask_logits(x).reshape(x.shape[0], self.num_masks, self.mask_size, self.mask_size)  # [R, K, M, M]
+
+    def reset_classes(self, num_classes: int) -> None:
+        """A fresh last layer for `num_classes` masks (fine-tuning to other classes)."""
+        fc = self.mask_logits
+        self.mask_logits = nn.Linear(fc.in_features, num_classes * self.mask_size**2).to(fc.weight.device)
 
     def class_mask_logits(self, x: Tensor, labels: Tensor) -> Tensor:
         """The logits of one class per RoI, `labels` `[R]`: `[R, 1, M, M]` (all K computed: an MLP shares no work)."""

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from mrcnn.anchors import AnchorGenerator
 from mrcnn.architectures import build_roi_pooler, c4_heads, fpn_heads
 from mrcnn.backbone import ResNet, resnet50, resnet101, resnet_small
-from mrcnn.box_head import BoxBranch
+from mrcnn.box_head import BoxBranch, BoxPredictor
 from mrcnn.config import MaskRCNNConfig
 from mrcnn.fpn import FeaturePyramidNetwork
 from mrcnn.fuse import fold_frozen_batchnorm
@@ -153,6 +153,25 @@ class MaskRCNN(nn.Module):
             with torch.autocast(batch.device.type, enabled=False):
                 detections = paste_detection_masks(detections, original_sizes)  # masks [D, 1, H, W]
         return detections
+
+    def set_num_classes(self, num_classes: int) -> list[str]:
+        """Fine-tuning to other classes: fresh class-specific layers for K = `num_classes` (background
+        included), and `config.num_classes` set to K, so the two never disagree.
+
+        Replaced: the box predictor's class scores and deltas, and the mask predictor's last layer
+        (a class-agnostic mask has one channel whatever K: kept). Everything else keeps its weights.
+        Returns the state-dict keys of the re-initialised tensors.
+        """
+        if num_classes < 2:
+            raise ValueError(f"num_classes counts the background and at least one class, got {num_classes}")
+        self.config = self.config.replace(num_classes=num_classes)
+        device = self.box_branch.predictor.class_logits.weight.device
+        self.box_branch.predictor = BoxPredictor(self.box_branch.predictor.class_logits.in_features, num_classes).to(device)
+        replaced = ["box_branch.predictor."]
+        if self.mask_branch is not None and self.mask_branch.predictor.num_masks > 1:
+            self.mask_branch.predictor.reset_classes(num_classes)
+            replaced.append("mask_branch.predictor.mask_logits.")
+        return [key for key in self.state_dict() if key.startswith(tuple(replaced))]
 
     def feature_maps(self, batch: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """The maps the RPN reads and the maps the RoIs are pooled from, each `[N, C, H_l, W_l]`.

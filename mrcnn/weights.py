@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -117,7 +118,8 @@ def from_torchvision(path_or_state_dict: str | os.PathLike | StateDict, config: 
 
     The number of classes K is read from the file (`roi_heads.box_predictor.cls_score.weight`
     is `[K, 1024]`); the config defaults to the `torchvision_maskrcnn_resnet50_fpn` preset with
-    that K. Given the same image, the model then gives torchvision's detections.
+    that K, and a config of another K is an error naming both (fine-tuning to another class
+    count is `load_pretrained`). Given the same image, the model gives torchvision's detections.
     """
     source = str(path_or_state_dict) if not isinstance(path_or_state_dict, dict) else "state dict"
     state_dict = as_state_dict(path_or_state_dict)
@@ -125,8 +127,11 @@ def from_torchvision(path_or_state_dict: str | os.PathLike | StateDict, config: 
     if class_weight is None:
         raise ValueError(f"{source}: not a torchvision Mask R-CNN state dict (no roi_heads.box_predictor.cls_score.weight)")
     num_classes = int(class_weight.shape[0])
-    config = config.replace(num_classes=num_classes) if config is not None else torchvision_maskrcnn_resnet50_fpn(num_classes)
-    model = MaskRCNN(config)
+    if config is not None and config.num_classes != num_classes:
+        raise ValueError(f"{source}: the file has {num_classes} classes (background included), the config "
+                         f"{config.num_classes}; to fine-tune to {config.num_classes} classes, build the model and call "
+                         f"load_pretrained(model, path), which re-initialises the class-specific layers")  # fmt: skip
+    model = MaskRCNN(config if config is not None else torchvision_maskrcnn_resnet50_fpn(num_classes))
     ours, unused = torchvision_to_ours(state_dict, model)
     load_strictly(model, ours, unused, source)
     return model.eval()
@@ -167,7 +172,10 @@ def from_torchvision_keypoint_rcnn(path_or_state_dict: str | os.PathLike | State
     num_classes, num_keypoints = int(class_weight.shape[0]), int(deconv_weight.shape[1])
     if config is None:
         config = torchvision_keypointrcnn_resnet50_fpn(num_classes, num_keypoints)
-    model = MaskRCNN(config.replace(num_classes=num_classes, num_keypoints=num_keypoints))
+    if (config.num_classes, config.num_keypoints) != (num_classes, num_keypoints):
+        raise ValueError(f"{source}: the file has {num_classes} classes and {num_keypoints} keypoints, the config "
+                         f"{config.num_classes} and {config.num_keypoints}; to fine-tune, use load_pretrained")  # fmt: skip
+    model = MaskRCNN(config)
     if model.keypoint_branch is None:
         raise ValueError("the config builds no keypoint branch")
     ours, unused = torchvision_to_ours(state_dict, model)
@@ -176,3 +184,98 @@ def from_torchvision_keypoint_rcnn(path_or_state_dict: str | os.PathLike | State
     unused = [k for k in unused if k not in set(key_map.values())]
     load_strictly(model, ours, unused, source)
     return model.eval()
+
+
+# --- fine-tuning: whatever fits, into a model of any class count -----------------------------
+
+# The layers whose shape depends on the number of classes (or keypoints): when the counts differ
+# they keep the model's fresh initialization (torchvision's fine-tuning recipe swaps exactly these).
+CLASS_SPECIFIC = (
+    "box_branch.predictor.class_logits.",  # [K, F] class scores
+    "box_branch.predictor.box_deltas.",  # [4K, F] class-specific box deltas
+    "mask_branch.predictor.mask_logits.",  # [K, C, 1, 1] one mask per class
+    "keypoint_branch.predictor.deconv.",  # [C, J, 4, 4] one heatmap per keypoint
+)
+
+
+class PretrainedReport(NamedTuple):
+    """What `load_pretrained` did, tensor by tensor (our state-dict keys)."""
+
+    source: str  # the file, or "state dict"
+    kind: str  # "mrcnn checkpoint", "torchvision Mask R-CNN", "torchvision Keypoint R-CNN" or "ImageNet ResNet"
+    loaded: list[str]  # filled from the file
+    reinitialised: list[str]  # class-specific, of another shape in the file: freshly initialised
+    not_in_file: list[str]  # the model's, absent from the file: their initialization is kept
+    unused: list[str]  # the file's, with no place in this model
+
+    def summary(self) -> str:
+        """A few lines for a person: how much was loaded, and exactly which tensors were re-initialised."""
+        lines = [f"{self.source} ({self.kind}): {len(self.loaded)} tensors loaded"]
+        if self.reinitialised:
+            lines.append(f"re-initialised for this model's classes: {', '.join(self.reinitialised)}")
+        if self.not_in_file:
+            lines.append(f"{len(self.not_in_file)} tensors not in the file keep their initialization "
+                         f"(e.g. {', '.join(self.not_in_file[:3])})")  # fmt: skip
+        if self.unused:
+            lines.append(f"{len(self.unused)} tensors of the file unused (e.g. {', '.join(self.unused[:3])})")
+        return "\n".join(lines)
+
+
+def our_keys(state_dict: StateDict, model: MaskRCNN) -> tuple[str, StateDict]:
+    """Recognise a weights file and name its tensors as `model` names them: `(kind, state dict)`."""
+    if "box_branch.predictor.class_logits.weight" in state_dict or any(k.startswith("backbone.stem.") for k in state_dict):
+        return "mrcnn checkpoint", state_dict
+    if "backbone.body.conv1.weight" in state_dict:
+        ours, _ = torchvision_to_ours(state_dict, model)
+        keypoint_map = model.keypoint_branch.torchvision_key_map() if model.keypoint_branch is not None else {}
+        ours.update({f"keypoint_branch.{k}": state_dict[v] for k, v in keypoint_map.items() if v in state_dict})
+        keypoints = "roi_heads.keypoint_predictor.kps_score_lowres.weight" in state_dict
+        return ("torchvision Keypoint R-CNN" if keypoints else "torchvision Mask R-CNN"), ours
+    if "conv1.weight" in state_dict and "layer1.0.conv1.weight" in state_dict:
+        renamed = from_torchvision_resnet(state_dict)  # every key but fc.* gets a name of ours
+        ours = {f"backbone.{k}": v for k, v in renamed.items() if not k.startswith("res5.") or model.config.architecture != "c4"}
+        if model.config.architecture == "c4":  # res5 is the head of both branches (Figure 4, left)
+            ours.update({f"box_branch.head.{k}": v for k, v in renamed.items() if k.startswith("res5.")})
+        return "ImageNet ResNet", ours
+    raise ValueError("not a Mask R-CNN or ResNet weights file (neither ours, nor torchvision's maskrcnn/keypointrcnn, "
+                     "nor an ImageNet ResNet state dict)")  # fmt: skip
+
+
+def load_pretrained(model: MaskRCNN, path_or_state_dict: str | os.PathLike | StateDict, verbose: bool = True) -> PretrainedReport:
+    """Load pretrained weights into `model`, whatever its number of classes: the fine-tuning recipe.
+
+    Reads a checkpoint of ours, a torchvision `maskrcnn_resnet50_fpn` (or `keypointrcnn_resnet50_fpn`)
+    state dict, or a torchvision ImageNet ResNet. Every tensor that fits is loaded; the
+    class-specific layers (`CLASS_SPECIFIC`) whose shape differs, because the file was trained
+    for another number of classes, keep the model's fresh initialization; what the file lacks
+    (the FPN and heads of an ImageNet ResNet) keeps its initialization too. Any other tensor of
+    another shape means another architecture: a `ValueError` naming it, before anything is
+    loaded. Returns (and with `verbose` prints) a `PretrainedReport` naming every re-initialised
+    tensor. `model.config.num_classes` is the model's own: build the model for your classes
+    (`MaskRCNN(config.replace(num_classes=K))`, or `model.set_num_classes(K)`) first.
+    """
+    source = str(path_or_state_dict) if not isinstance(path_or_state_dict, dict) else "state dict"
+    try:
+        kind, ours = our_keys(as_state_dict(path_or_state_dict), model)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
+    expected = model.state_dict()
+    loaded, reinitialised, unused = {}, [], []
+    for key, value in ours.items():
+        if key not in expected:
+            unused.append(key)
+        elif value.shape == expected[key].shape:
+            loaded[key] = value
+        elif key.startswith(CLASS_SPECIFIC):
+            reinitialised.append(key)
+        else:
+            raise ValueError(f"{source}: {key} is {tuple(value.shape)} in the file but {tuple(expected[key].shape)} in the "
+                             f"model: weights of another architecture ({kind})")  # fmt: skip
+    if not loaded:
+        raise ValueError(f"{source}: no tensor of the file fits this model ({kind})")
+    model.load_state_dict(loaded, strict=False)
+    not_in_file = [k for k in expected if k not in loaded and k not in reinitialised and not k.endswith("num_batches_tracked")]
+    report = PretrainedReport(source, kind, sorted(loaded), sorted(reinitialised), not_in_file, sorted(unused))
+    if verbose:
+        print(report.summary())
+    return report
