@@ -54,6 +54,7 @@ from mrcnn.backbone import BasicBlock, res5_head
 from mrcnn.box_head import BoxHead, BoxPredictor
 from mrcnn.config import MaskRCNNConfig
 from mrcnn.mask_head import MaskHead, MaskPredictor, MLPMaskHead, MLPMaskPredictor
+from mrcnn.norms import Norm, norm_layer
 from mrcnn.poolers import MultiLevelRoIAlign, MultiLevelRoIPooler
 from mrcnn.roi_align import roi_pool
 from mrcnn.roi_warp import roi_warp
@@ -80,11 +81,13 @@ class Res5Head(nn.Module):
 
 def build_res5(config: MaskRCNNConfig, in_channels: int) -> nn.Sequential:
     """The res5 stage the config's trunk would have had: three bottlenecks of width 512 (2048 channels
-    out) with frozen norms for ResNet-50/101; for the small trunk, one basic block of width 128 with
-    batch norm (it trains from scratch). in_channels: of C4."""
+    out) for ResNet-50/101; for the small trunk, one basic block of width 128. The norm is the
+    trunk's (`config.norm`: frozen for ResNet-50/101, batch norm for the small trunk by default).
+    in_channels: of C4."""
+    norm = backbone_norm(config)
     if config.backbone == "small":
-        return res5_head(in_channels, width=128, num_blocks=1, norm=nn.BatchNorm2d, block=BasicBlock)
-    return res5_head(in_channels)  # ResNet-50 and -101 share res5
+        return res5_head(in_channels, width=128, num_blocks=1, norm=norm, block=BasicBlock)
+    return res5_head(in_channels, norm=norm)  # ResNet-50 and -101 share res5
 
 
 class Heads(NamedTuple):
@@ -98,6 +101,17 @@ class Heads(NamedTuple):
     mask_predictor: nn.Module  # -> mask logits [R, K, M, M] ([R, 1, M, M] class-agnostic)
 
 
+def backbone_norm(config: MaskRCNNConfig) -> Norm:
+    """The trunk's normalization (`config.norm`); by default frozen for the pretrained ResNet-50/101,
+    batch norm for the small trunk, which trains from scratch."""
+    return norm_layer(config.norm or ("bn" if config.backbone == "small" else "frozen_bn"))
+
+
+def head_norm(config: MaskRCNNConfig) -> Norm | None:
+    """The normalization of the FPN and of the mask and keypoint heads' convolutions (`config.head_norm`)."""
+    return norm_layer(config.head_norm) if config.head_norm is not None else None
+
+
 def mask_head_and_predictor(config: MaskRCNNConfig, in_channels: int, pooled_size: int) -> tuple[nn.Module, nn.Module]:
     """The FCN mask head (`[R, C, P, P]` -> `[R, K, 2P, 2P]`) or Table 2e's MLP (fc, fc, fc to `K x 2P x 2P`);
     K = 1 with `class_agnostic_masks` (Table 2b)."""
@@ -105,7 +119,7 @@ def mask_head_and_predictor(config: MaskRCNNConfig, in_channels: int, pooled_siz
     if config.mask_head == "mlp":
         hidden = (config.representation_size,) * 2  # the paper's 1024, 1024
         return MLPMaskHead(in_channels, pooled_size, hidden), MLPMaskPredictor(hidden[-1], num_masks, 2 * pooled_size)
-    head = MaskHead(in_channels, config.mask_head_channels)
+    head = MaskHead(in_channels, config.mask_head_channels, norm=head_norm(config))
     return head, MaskPredictor(config.mask_head_channels[-1], config.mask_predictor_channels, num_masks)
 
 

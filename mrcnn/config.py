@@ -29,6 +29,13 @@ class MaskRCNNConfig:
     architecture: Literal["fpn", "c4", "c5"] = "fpn"
     fpn_channels: int = 256
     trainable_stages: int = 3  # layer2..layer4 train, stem and layer1 stay frozen (paper: frozen BN, ImageNet init)
+    # The backbone's normalization (mrcnn/norms.py): "frozen_bn" (the paper's, for ImageNet weights),
+    # "bn" (learns, per forward pass), "sync_bn" (learns, statistics over all processes) or "gn"
+    # (group norm, Detectron's from-scratch recipe); None: frozen for ResNet-50/101, "bn" for the small trunk
+    norm: Literal["frozen_bn", "bn", "sync_bn", "gn"] | None = None
+    # The normalization after each convolution of the FPN and the mask and keypoint heads: None (the
+    # paper's heads, as torchvision's v1) or "bn", "sync_bn", "gn" (Detectron's GN recipe: "gn" for both)
+    head_norm: Literal["bn", "sync_bn", "gn"] | None = None
     # Frozen batch norm folded into the convolutions and a channels-last batch (mrcnn/fuse.py):
     # about 1.3x faster convolutions on a CPU, equal to float rounding; False gives torchvision's bits
     fast_convolutions: bool = True
@@ -98,6 +105,10 @@ class MaskRCNNConfig:
         if self.class_agnostic_masks and self.mask_loss == "softmax":
             raise ValueError("class_agnostic_masks=True has one mask channel, a softmax over it is constant; "
                              "use mask_loss='sigmoid'")
+        if self.norm not in (None, "frozen_bn", "bn", "sync_bn", "gn"):
+            raise ValueError(f"unknown norm {self.norm!r}; choose 'frozen_bn', 'bn', 'sync_bn' or 'gn'")
+        if self.head_norm not in (None, "bn", "sync_bn", "gn"):
+            raise ValueError(f"unknown head_norm {self.head_norm!r}; choose None, 'bn', 'sync_bn' or 'gn'")
         if self.architecture not in ("fpn", "c4", "c5"):
             raise ValueError(f"unknown architecture {self.architecture!r}; choose 'fpn', 'c4' or 'c5'")
         if len(self.anchor_sizes) != 5 and self.architecture == "fpn":
@@ -111,6 +122,14 @@ class MaskRCNNConfig:
     def replace(self, **changes) -> "MaskRCNNConfig":
         """A copy with some fields changed (the dataclass is frozen)."""
         return dataclasses.replace(self, **changes)
+
+
+def from_scratch(config: MaskRCNNConfig) -> MaskRCNNConfig:
+    """`config` for training without pretrained weights, torchvision's rule: nothing frozen, and a
+    norm that learns (batch norm, unless the config names one). Frozen statistics of an untrained
+    network are the identity, and a random ResNet-50 then starts with exploding activations (a first
+    mask loss of 18 instead of 5)."""
+    return config.replace(norm="bn" if config.norm in (None, "frozen_bn") else config.norm, trainable_stages=5)
 
 
 def torchvision_maskrcnn_resnet50_fpn(num_classes: int = 91) -> MaskRCNNConfig:

@@ -23,6 +23,7 @@ operations as torchvision's `FeaturePyramidNetwork` with `LastLevelMaxPool`;
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,6 +37,8 @@ class FeaturePyramidNetwork(nn.Module):
         out_channels: `d`, the channels of every P_i.
         extra_max_pool: add P6 = max_pool2d(P5, kernel 1, stride 2), used by the RPN only.
         in_strides: strides of the input maps, finest first (for the `strides` attribute).
+        norm: a normalization after every convolution (`mrcnn.norms`; Detectron's GN recipe), or
+            None (the paper's FPN, as torchvision's).
 
     Attributes: `strides`, the stride of each output map, e.g. `(4, 8, 16, 32, 64)`;
     `out_channels`.
@@ -47,6 +50,7 @@ class FeaturePyramidNetwork(nn.Module):
         out_channels: int = 256,
         extra_max_pool: bool = True,
         in_strides: tuple[int, ...] = (4, 8, 16, 32),
+        norm: Callable[[int], nn.Module] | None = None,
     ):
         super().__init__()
         if len(in_channels_list) != len(in_strides):
@@ -61,22 +65,32 @@ class FeaturePyramidNetwork(nn.Module):
         for conv in [*self.lateral_convs, *self.output_convs]:
             nn.init.kaiming_uniform_(conv.weight, a=1)
             nn.init.zeros_(conv.bias)
+        norms = lambda: nn.ModuleList(norm(out_channels) if norm else nn.Identity() for _ in in_channels_list)  # noqa: E731
+        self.lateral_norms, self.output_norms = norms(), norms()  # identities without a norm
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:
         """features `[C2, ..., C5]`, `C_i` of `[N, in_channels_list[i], H_i, W_i]` ->
         `[P2, ..., P5, P6]`, `P_i` of `[N, out_channels, H_i, W_i]` (P6: `ceil(H_5 / 2)`)."""
         if len(features) != len(self.lateral_convs):
             raise ValueError(f"expected {len(self.lateral_convs)} feature maps, got {len(features)}")
-        merged = self.lateral_convs[-1](features[-1])  # M5 = L5(C5)
-        pyramid = [self.output_convs[-1](merged)]  # P5
+        merged = self.lateral(-1, features[-1])  # M5 = L5(C5)
+        pyramid = [self.output(-1, merged)]  # P5
         for level in range(len(features) - 2, -1, -1):  # from C4 down to C2
-            lateral = self.lateral_convs[level](features[level])  # [N, d, H_i, W_i]
+            lateral = self.lateral(level, features[level])  # [N, d, H_i, W_i]
             top_down = F.interpolate(merged, size=lateral.shape[-2:], mode="nearest")  # [N, d, H_i, W_i]
             merged = lateral + top_down  # M_i = L_i(C_i) + Upsample(M_{i+1})
-            pyramid.insert(0, self.output_convs[level](merged))  # P_i = O_i(M_i)
+            pyramid.insert(0, self.output(level, merged))  # P_i = O_i(M_i)
         if self.extra_max_pool:
             pyramid.append(F.max_pool2d(pyramid[-1], kernel_size=1, stride=2, padding=0))  # P6
         return pyramid
+
+    def lateral(self, level: int, x: Tensor) -> Tensor:
+        """L_i: the 1x1 convolution to d channels (and the norm, if any)."""
+        return self.lateral_norms[level](self.lateral_convs[level](x))
+
+    def output(self, level: int, x: Tensor) -> Tensor:
+        """O_i: the 3x3 convolution that smooths M_i into P_i (and the norm, if any)."""
+        return self.output_norms[level](self.output_convs[level](x))
 
 
 def torchvision_fpn_key(key: str) -> str:

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from mrcnn.box_head import TrainingRoIs
 from mrcnn.branch import RoIBranch
+from mrcnn.norms import Norm
 
 
 class KeypointHead(nn.Module):
@@ -59,27 +60,32 @@ class KeypointHead(nn.Module):
     Args:
         in_channels: C of the pooled RoI features.
         layers: the output channels of each convolution (eight of 512 in the paper).
+        norm: a normalization after each convolution (`mrcnn.norms`), or None (the paper's head).
     """
 
-    def __init__(self, in_channels: int = 256, layers: tuple[int, ...] = (512,) * 8):
+    def __init__(self, in_channels: int = 256, layers: tuple[int, ...] = (512,) * 8, norm: Norm | None = None):
         super().__init__()
         channels = (in_channels, *layers)
         self.layers = nn.ModuleList(
             nn.Conv2d(c_in, c_out, kernel_size=3, padding=1) for c_in, c_out in zip(channels[:-1], channels[1:])
         )
+        self.norms = nn.ModuleList(norm(c) for c in layers) if norm is not None else None
         for conv in self.layers:
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(conv.bias)
 
     def forward(self, roi_features: Tensor) -> Tensor:
         x = roi_features  # [R, C, 14, 14]
-        for conv in self.layers:
-            x = F.relu(conv(x))  # [R, 512, 14, 14]
+        for index, conv in enumerate(self.layers):
+            x = conv(x)  # [R, 512, 14, 14]
+            x = F.relu(self.norms[index](x) if self.norms is not None else x)
         return x
 
     def torchvision_key_map(self) -> dict[str, str]:
         """Our keys -> `KeypointRCNNHeads` keys: `layers.i.weight -> {2i}.weight` (a conv, a ReLU, ...)."""
         key_map = {}
+        if self.norms is not None:
+            raise ValueError("a head with norms has no torchvision counterpart (torchvision's v1 heads have none)")
         for key in self.state_dict():
             _, index, name = key.split(".")  # layers, i, weight|bias
             key_map[key] = f"{2 * int(index)}.{name}"

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from mrcnn.box_head import TrainingRoIs
 from mrcnn.boxes import geometry_dtype
 from mrcnn.branch import RoIBranch
+from mrcnn.norms import Norm
 from mrcnn.mask_loss import gathered_mask_logits, mask_loss, mask_targets, multinomial_mask_loss
 
 
@@ -48,29 +49,36 @@ class MaskHead(nn.Module):
         in_channels: C of the pooled RoI features.
         layers: the output channels of each convolution (four of 256 in the paper).
         dilation: of every convolution (padding follows, so the size is kept).
+        norm: a normalization after each convolution (`mrcnn.norms`; Detectron's GN recipe), or None
+            (the paper's head).
     """
 
-    def __init__(self, in_channels: int = 256, layers: tuple[int, ...] = (256, 256, 256, 256), dilation: int = 1):
+    def __init__(self, in_channels: int = 256, layers: tuple[int, ...] = (256, 256, 256, 256), dilation: int = 1,
+                 norm: Norm | None = None):  # fmt: skip
         super().__init__()
         channels = (in_channels, *layers)
         self.layers = nn.ModuleList(
             nn.Conv2d(c_in, c_out, kernel_size=3, padding=dilation, dilation=dilation)
             for c_in, c_out in zip(channels[:-1], channels[1:])
         )
+        self.norms = nn.ModuleList(norm(c) for c in layers) if norm is not None else None
         for conv in self.layers:
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(conv.bias)
 
     def forward(self, roi_features: Tensor) -> Tensor:
         x = roi_features  # [R, C, 14, 14]
-        for conv in self.layers:
-            x = F.relu(conv(x))  # [R, 256, 14, 14]
+        for index, conv in enumerate(self.layers):
+            x = conv(x)  # [R, 256, 14, 14]
+            x = F.relu(self.norms[index](x) if self.norms is not None else x)
         return x
 
     def torchvision_key_map(self, legacy: bool = False) -> dict[str, str]:
         """Our keys -> `MaskRCNNHeads` keys: `layers.i.weight -> i.0.weight` (each torchvision layer
         is a conv + ReLU block), or `mask_fcn{i+1}.weight` with `legacy=True` (older checkpoints)."""
         key_map = {}
+        if self.norms is not None:
+            raise ValueError("a head with norms has no torchvision counterpart (torchvision's v1 heads have none)")
         for key in self.state_dict():
             _, index, name = key.split(".")  # layers, i, weight|bias
             key_map[key] = f"mask_fcn{int(index) + 1}.{name}" if legacy else f"{index}.0.{name}"

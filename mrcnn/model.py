@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from mrcnn.anchors import AnchorGenerator
-from mrcnn.architectures import build_roi_pooler, c4_heads, fpn_heads
+from mrcnn.architectures import backbone_norm, build_roi_pooler, c4_heads, fpn_heads, head_norm
 from mrcnn.backbone import ResNet, resnet50, resnet101, resnet_small
 from mrcnn.box_head import BoxBranch, BoxPredictor
 from mrcnn.config import MaskRCNNConfig
@@ -43,11 +43,12 @@ def build_backbone(config: MaskRCNNConfig) -> ResNet:
     after res4 for the C4 model (res5 becomes its head)."""
     frozen_stages = 4 - config.trainable_stages  # torchvision's trainable_layers=3 freezes the stem and res2
     last_stage = 4 if config.architecture == "c4" else 5
+    norm = backbone_norm(config)
     if config.backbone == "resnet50":
-        return resnet50(frozen_stages=frozen_stages, last_stage=last_stage)
+        return resnet50(frozen_stages=frozen_stages, last_stage=last_stage, norm=norm)
     if config.backbone == "resnet101":
-        return resnet101(frozen_stages=frozen_stages, last_stage=last_stage)
-    return resnet_small(frozen_stages=frozen_stages, last_stage=last_stage)
+        return resnet101(frozen_stages=frozen_stages, last_stage=last_stage, norm=norm)
+    return resnet_small(frozen_stages=frozen_stages, last_stage=last_stage, norm=norm)
 
 
 class MaskRCNN(nn.Module):
@@ -65,7 +66,8 @@ class MaskRCNN(nn.Module):
             fold_frozen_batchnorm(self.backbone)  # conv(x, w * scale) + bias: one pass instead of three
         self.fpn = None
         if config.architecture == "fpn":
-            self.fpn = FeaturePyramidNetwork(self.backbone.out_channels, config.fpn_channels, extra_max_pool=True)
+            self.fpn = FeaturePyramidNetwork(self.backbone.out_channels, config.fpn_channels, extra_max_pool=True,
+                                             norm=head_norm(config))  # fmt: skip
             channels, roi_strides = config.fpn_channels, self.fpn.strides[:4]  # RoIs from P2..P5; P6 serves the RPN only
             anchor_sizes = tuple((size,) for size in config.anchor_sizes)  # one size per level P2..P6
         else:  # one map, C4 (stride 16) or C5 (stride 32), for the RPN and the RoIs
@@ -110,7 +112,7 @@ class MaskRCNN(nn.Module):
         if config.num_keypoints > 0:  # Keypoint R-CNN (section 5)
             self.keypoint_branch = KeypointBranch(
                 pooler(config.keypoint_pool_size),
-                KeypointHead(channels, config.keypoint_head_channels),
+                KeypointHead(channels, config.keypoint_head_channels, norm=head_norm(config)),
                 KeypointPredictor(config.keypoint_head_channels[-1], config.num_keypoints),
             )
 
