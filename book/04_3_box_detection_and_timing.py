@@ -366,6 +366,56 @@ else:
     print("determinism_cpu.json: not recorded yet (python benchmarks/determinism.py)")
 
 # %% [markdown]
+# ## Mixed precision: 16-bit features, 32-bit boxes
+#
+# On a GPU, most of the time above is convolutions, and they run two to four times faster in
+# 16 bits (`torch.autocast`, `--amp bf16` or `--amp fp16` on the command line). Features and
+# head activations tolerate it: they are sums of many terms, each with a relative error of
+# $2^{-8}$ (bfloat16) or $2^{-11}$ (float16). Coordinates do not. A number in $[1024, 2048)$ has a
+# spacing of $2^{10-7} = 8$ in bfloat16, so a box corner at pixel 1330 of an 800 x 1333 image
+# becomes 1328:
+
+# %%
+coordinates = torch.tensor([37.3, 517.0, 800.6, 1330.0])
+for dtype in (torch.bfloat16, torch.float16):
+    rounded = coordinates.to(dtype).float()
+    print(f"{str(dtype):>15}: {[round(v, 2) for v in rounded.tolist()]}  (off by up to "
+          f"{(rounded - coordinates).abs().max().item():.2f} px)")
+
+# %% [markdown]
+# Two pixels at the scale of the image is half a pixel of P2 and, worse, a different sampling
+# grid for RoIAlign, whose whole point (section 3) is to sample at the exact box. So in this
+# library every box quantity is float32 whatever autocast does: anchors, the RPN's and the box
+# head's deltas and scores (`mrcnn.boxes.geometry_dtype`), proposals, NMS, the RoIs handed to
+# RoIAlign (which samples in float32 and only returns the features' dtype), and the pasting of
+# masks. Here is the difference it makes to one RoI pooled from bfloat16 features, against the
+# float64 answer:
+
+# %%
+from mrcnn.poolers import roi_align  # noqa: E402
+from mrcnn.roi_align import roi_align_reference  # noqa: E402
+
+features = torch.randn(1, 8, 40, 360).to(torch.bfloat16)  # a P2-like map of a 160 x 1440 strip
+roi = torch.tensor([[0.0, 1325.3, 20.7, 1338.9, 140.2]])  # float32, as the model keeps it
+exact = roi_align_reference(features.double(), roi.double(), 7, 0.25, 2)
+kept = roi_align(features, roi, 7, 0.25, 2).double()  # float32 RoI, bfloat16 features
+rounded = roi_align(features, roi.to(torch.bfloat16).float(), 7, 0.25, 2).double()  # the RoI rounded to 16 bits first
+print(f"RoI in float32:  largest error {(kept - exact).abs().max().item():.4f}")
+print(f"RoI in bfloat16: largest error {(rounded - exact).abs().max().item():.4f}")
+
+# %% [markdown]
+# The first error is the rounding of the result to 16 bits; the second is a feature sampled at
+# the wrong place. `tests/test_amp.py` checks the whole pipeline: under bfloat16 autocast every
+# box tensor is float32, and a trained small model gives the same detections as in float32
+# (matched boxes within a pixel, the same COCO AP within a point). What 16 bits buy in speed is a
+# GPU measurement (`benchmarks/gpu.sh`); its results, where a GPU run has recorded them:
+
+# %%
+cuda_results = sorted(RESULTS.glob("*_cuda.md"))
+print("\n".join(f"benchmarks/results/{p.name}" for p in cuda_results) if cuda_results else
+      "no GPU run recorded yet: benchmarks/results/ holds CPU results only")
+
+# %% [markdown]
 # ## What to try next
 #
 # - Time the C4 variant the paper advises against (the `res5` head of mrcnn/backbone.py on every
