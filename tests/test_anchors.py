@@ -30,6 +30,7 @@ def test_cell_anchors_are_ratio_major():
     assert widths == [46.0, 90.0, 22.0, 46.0]
 
 
+@pytest.mark.torchvision
 def test_cell_anchors_match_torchvision():
     pytest.importorskip("torchvision")
     from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
@@ -72,6 +73,7 @@ def test_strides_use_integer_division():
     assert (grid[0, 1, 0] - grid[0, 0, 0]).item() == 1216 // 19
 
 
+@pytest.mark.torchvision
 def test_anchors_match_torchvision():
     pytest.importorskip("torchvision")
     from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator

@@ -92,6 +92,7 @@ def test_torchvision_key_map():
     assert torchvision_resnet_key("layer1.0.bn1.num_batches_tracked") is None
 
 
+@pytest.mark.torchvision
 def test_resnet50_matches_torchvision_feature_for_feature():
     torchvision = pytest.importorskip("torchvision")
     from torchvision.models._utils import IntermediateLayerGetter
@@ -118,6 +119,7 @@ def test_resnet50_matches_torchvision_feature_for_feature():
         torch.testing.assert_close(head(roi_features), reference.layer4(roi_features), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.torchvision
 def test_loads_the_backbone_of_torchvision_maskrcnn():
     torchvision = pytest.importorskip("torchvision")
     reference = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
@@ -129,6 +131,7 @@ def test_loads_the_backbone_of_torchvision_maskrcnn():
     frozen.load_state_dict(from_torchvision_resnet(reference.state_dict(), prefix="backbone.body."), strict=True)
 
 
+@pytest.mark.torchvision
 @pytest.mark.parametrize("frozen_stages", [-1, 0, 1, 2, 3, 4])
 def test_frozen_stages_match_torchvision_trainable_layers(frozen_stages):
     torchvision = pytest.importorskip("torchvision")

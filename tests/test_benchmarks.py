@@ -87,6 +87,7 @@ def test_stage_ranges_leave_the_model_as_it_was():
 # --- the scripts, --quick ----------------------------------------------------------------------
 
 
+@pytest.mark.torchvision
 @pytest.mark.slow
 def test_inference_quick(tmp_path, one_thread):
     report = inference.main(["--quick", "--threads", "1", "--output-dir", str(tmp_path)])
@@ -106,6 +107,7 @@ def test_inference_quick(tmp_path, one_thread):
         assert "torchvision is not installed here" in page
 
 
+@pytest.mark.torchvision
 @pytest.mark.slow
 def test_train_step_quick(tmp_path, one_thread):
     report = train_step.main(["--quick", "--threads", "1", "--output-dir", str(tmp_path)])

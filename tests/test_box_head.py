@@ -208,6 +208,7 @@ def torchvision_roi_heads(branch: BoxBranch | None = None, **settings):
     return roi_heads.RoIHeads(pool, head, predictor, **{**defaults, **settings})
 
 
+@pytest.mark.torchvision
 def test_heads_match_torchvision_with_copied_weights():
     branch = BoxBranch(MultiLevelRoIAlign(7), BoxHead(32, 7, 256), BoxPredictor(256, 91))  # narrow, to keep it fast
     reference = torchvision_roi_heads(branch)
@@ -217,6 +218,7 @@ def test_heads_match_torchvision_with_copied_weights():
         assert torch.equal(ours, theirs)
 
 
+@pytest.mark.torchvision
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_select_training_rois_matches_torchvision(seed):
     reference = torchvision_roi_heads(batch_size_per_image=128)
@@ -236,6 +238,7 @@ def test_select_training_rois_matches_torchvision(seed):
         torch.testing.assert_close(sampled.regression_targets[i], regression[i], rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.torchvision
 def test_fast_rcnn_loss_matches_torchvision():
     roi_heads = pytest.importorskip("torchvision.models.detection.roi_heads")
     labels = [torch.randint(0, 5, (40,)), torch.randint(0, 5, (24,))]
@@ -246,6 +249,7 @@ def test_fast_rcnn_loss_matches_torchvision():
     assert torch.equal(ours[0], expected[0]) and torch.equal(ours[1], expected[1])
 
 
+@pytest.mark.torchvision
 @pytest.mark.parametrize("sharpness", [3.0, 0.3])  # peaked scores (few candidates), flat ones (thousands: NMS per class)
 def test_postprocess_detections_matches_torchvision(sharpness):
     reference = torchvision_roi_heads()
@@ -262,6 +266,7 @@ def test_postprocess_detections_matches_torchvision(sharpness):
             assert a.numel() > 0 and torch.equal(a, b)
 
 
+@pytest.mark.torchvision
 def test_box_branch_matches_torchvision_roi_heads():
     torch.manual_seed(0)
     branch = BoxBranch(MultiLevelRoIAlign(7), BoxHead(16, 7, 64), BoxPredictor(64, 6), batch_size_per_image=64)

@@ -42,6 +42,7 @@ def test_box_iou_by_hand(box_a, box_b, expected):
     assert box_iou(b, a).item() == pytest.approx(expected, abs=1e-12)  # symmetric
 
 
+@pytest.mark.torchvision
 def test_box_iou_shape_and_torchvision():
     torchvision = pytest.importorskip("torchvision")
     generator = torch.Generator().manual_seed(0)
@@ -119,6 +120,7 @@ def test_decode_clamps_the_size_deltas():
     assert (shrink[2] - shrink[0]).item() == pytest.approx(16 * math.exp(-50.0), rel=1e-3)
 
 
+@pytest.mark.torchvision
 def test_box_coder_matches_torchvision_bit_for_bit():
     pytest.importorskip("torchvision")
     from torchvision.models.detection._utils import BoxCoder as TorchvisionBoxCoder
@@ -201,6 +203,7 @@ def test_batched_nms_never_suppresses_across_categories():
     assert batched_nms(boxes, scores, categories, 0.5).tolist() == [0, 1]
 
 
+@pytest.mark.torchvision
 @pytest.mark.parametrize("num_boxes", [40, 400, 1500])  # 1500 boxes takes torchvision's per-category path
 def test_nms_and_batched_nms_match_torchvision(num_boxes):
     torchvision = pytest.importorskip("torchvision")
@@ -217,6 +220,7 @@ def test_nms_and_batched_nms_match_torchvision(num_boxes):
             )
 
 
+@pytest.mark.torchvision
 def test_nms_threshold_compared_in_double_like_torchvision():
     # 0.3 rounds up in float32; an IoU equal to float32(0.3) is above 0.3 and must suppress
     torchvision = pytest.importorskip("torchvision")

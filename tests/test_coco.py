@@ -313,6 +313,7 @@ def test_good_file_gives_no_warning(tiny):
         CocoDataset(*tiny)
 
 
+@pytest.mark.torchvision
 def test_flip_agrees_with_torchvision(tiny):
     pytest.importorskip("torchvision")
     from torchvision import tv_tensors

@@ -88,6 +88,7 @@ def test_key_map_accepts_both_torchvision_layouts():
     assert torchvision_fpn_key("inner_blocks.1.weight") == "lateral_convs.1.weight"  # before torchvision 0.13
 
 
+@pytest.mark.torchvision
 def test_matches_torchvision_fpn_with_last_level_max_pool():
     pytest.importorskip("torchvision")
     from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork as Reference, LastLevelMaxPool
@@ -103,6 +104,7 @@ def test_matches_torchvision_fpn_with_last_level_max_pool():
         torch.testing.assert_close(ours_level, reference_level, rtol=0, atol=0)
 
 
+@pytest.mark.torchvision
 def test_loads_the_fpn_of_torchvision_maskrcnn():
     torchvision = pytest.importorskip("torchvision")
     reference = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)

@@ -108,6 +108,7 @@ def random_boxes(generator: torch.Generator, count: int, height: int, width: int
     return torch.cat([low, high], dim=1)[keep]
 
 
+@pytest.mark.torchvision
 @pytest.mark.parametrize("padding", [0, 1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_matches_torchvision_paste_masks_in_image(padding, dtype):

@@ -170,6 +170,7 @@ def test_branch_trains_on_positive_rois_and_predicts_on_detections():
 # --- torchvision, function by function and layer by layer ---------------------------------------
 
 
+@pytest.mark.torchvision
 def test_targets_loss_and_decoding_match_torchvision():
     pytest.importorskip("torchvision")
     from torchvision.models.detection import roi_heads
@@ -194,6 +195,7 @@ def test_targets_loss_and_decoding_match_torchvision():
     assert torch.equal(decoded, theirs) and torch.equal(scores, their_scores)
 
 
+@pytest.mark.torchvision
 def test_head_and_predictor_match_torchvision_with_the_same_weights():
     pytest.importorskip("torchvision")
     from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
@@ -275,6 +277,7 @@ def test_a_small_keypoint_model_overfits_a_few_figures(one_thread):
 # --- the whole Keypoint R-CNN against torchvision's, on the same weights -------------------------
 
 
+@pytest.mark.torchvision
 @pytest.mark.slow
 def test_torchvision_keypoint_rcnn_weights_give_the_same_keypoints(tmp_path):
     pytest.importorskip("torchvision")

@@ -237,6 +237,7 @@ def torchvision_mask_modules(branch: MaskBranch, legacy: bool):
     return tv_head, tv_predictor
 
 
+@pytest.mark.torchvision
 @pytest.mark.parametrize("legacy", [False, True])
 def test_head_and_predictor_match_torchvision_with_copied_weights(legacy):
     branch = small_branch(channels=32, num_classes=91)
@@ -246,6 +247,7 @@ def test_head_and_predictor_match_torchvision_with_copied_weights(legacy):
     assert torch.equal(branch.predictor(branch.head(x)), tv_predictor(tv_head(x)))
 
 
+@pytest.mark.torchvision
 def test_branches_match_torchvision_roi_heads():
     roi_heads = pytest.importorskip("torchvision.models.detection.roi_heads")
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead

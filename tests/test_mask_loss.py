@@ -267,6 +267,7 @@ def test_gathered_mask_logits_equal_conv_then_gather():
 
 # ----- torchvision -----
 
+@pytest.mark.torchvision
 def test_matches_torchvision_maskrcnn_loss():
     roi_heads = pytest.importorskip("torchvision.models.detection.roi_heads")
     torch.manual_seed(1)

@@ -68,6 +68,7 @@ def test_empty_inputs_and_bad_thresholds_raise():
         Matcher(0.7, 0.3)(torch.zeros(5))
 
 
+@pytest.mark.torchvision
 @pytest.mark.parametrize("allow_low_quality_matches", [False, True])
 def test_matcher_matches_torchvision(allow_low_quality_matches):
     pytest.importorskip("torchvision")
@@ -131,6 +132,7 @@ def test_sampler_same_seed_same_sample_and_every_image_its_own():
     assert [m.sum().item() for m in first[1]] == [24, 27]
 
 
+@pytest.mark.torchvision
 def test_sampler_matches_torchvision_for_the_same_seed():
     pytest.importorskip("torchvision")
     from torchvision.models.detection._utils import BalancedPositiveNegativeSampler

@@ -409,6 +409,7 @@ def test_float32_rois_with_low_precision_features_sample_in_float32(low_precisio
 # --- torchvision, the outside witness ------------------------------------------------------------
 
 
+@pytest.mark.torchvision
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [-1, 0, 2, 3])
 def test_matches_torchvision_roi_align(aligned, sampling_ratio):
@@ -425,6 +426,7 @@ def test_matches_torchvision_roi_align(aligned, sampling_ratio):
     torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.torchvision
 @pytest.mark.parametrize("spatial_scale", [1.0, 0.5, 0.25])
 def test_matches_torchvision_roi_pool(spatial_scale):
     ops = pytest.importorskip("torchvision.ops")
@@ -433,6 +435,7 @@ def test_matches_torchvision_roi_pool(spatial_scale):
     assert torch.equal(roi_pool(features, rois, (3, 4), spatial_scale), ops.roi_pool(features, rois, (3, 4), spatial_scale))
 
 
+@pytest.mark.torchvision
 def test_matches_torchvision_multi_scale_roi_align():
     ops = pytest.importorskip("torchvision.ops")
     image_size = (256, 320)

@@ -167,6 +167,7 @@ def run_both(ours, theirs, features, image_sizes, padded_size, targets=None, see
     return our_result, their_result
 
 
+@pytest.mark.torchvision
 def test_same_seed_same_head_as_torchvision():
     pytest.importorskip("torchvision")
     from torchvision.models.detection.rpn import RPNHead as TorchvisionRPNHead
@@ -180,6 +181,7 @@ def test_same_seed_same_head_as_torchvision():
     assert torch.equal(ours.box_deltas.weight, theirs.bbox_pred.weight)
 
 
+@pytest.mark.torchvision
 @pytest.mark.parametrize("training", [False, True])
 def test_proposals_and_losses_match_torchvision(training):
     ours, theirs = torchvision_pair()
@@ -197,6 +199,7 @@ def test_proposals_and_losses_match_torchvision(training):
         assert torch.equal(our_losses[name], their_losses[name]), name
 
 
+@pytest.mark.torchvision
 def test_proposals_match_torchvision_at_coco_size():
     # an 800 x 1088 batch: about 4700 boxes per image reach the per-level NMS, as on COCO
     ours, theirs = torchvision_pair()

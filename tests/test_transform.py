@@ -61,6 +61,7 @@ def test_batch_images_pads_to_a_multiple():
     assert batch[0].sum() == 3 * 5 * 7 and batch[1].sum() == 3 * 9 * 2
 
 
+@pytest.mark.torchvision
 @pytest.mark.parametrize("training", [False, True])
 def test_matches_torchvision(training):
     pytest.importorskip("torchvision")

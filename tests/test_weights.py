@@ -126,6 +126,7 @@ def _randomize_frozen_bn(module: torch.nn.Module, generator: torch.Generator) ->
             buffer.copy_(torch.rand(buffer.shape, generator=generator) * 0.5 + 0.75)
 
 
+@pytest.mark.torchvision
 @pytest.mark.slow
 def test_same_detections_as_torchvision(tmp_path):
     tv = pytest.importorskip("torchvision")
