@@ -414,7 +414,7 @@ def write_summary(args: argparse.Namespace, errors: dict) -> dict:
     loads = [v for r in records + ([pre] if pre else []) for v in (r["load_average_before"][0], r["load_average_after"][0])]
     fine_tuned = [r for r in records if r["arm"] == "fine_tuned"]
     result = {
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+        "command": args.command,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "load_average_at_summary": [round(v, 2) for v in os.getloadavg()],
                     "torch": torch.__version__, "device": "cpu", "threads_per_run": args.threads,
@@ -463,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=ROOT / "experiments" / "results" / "transfer.json")
     parser.add_argument("--summarize-only", action="store_true", help="write the results from the finished runs")
     args = parser.parse_args(argv)
+    args.command = " ".join(["python", os.path.relpath(__file__, ROOT), *(sys.argv[1:] if argv is None else argv)])
     if min(args.processes, args.threads, args.batch_size, args.pretrain_iterations, *args.steps) < 1:
         parser.error("--processes, --threads, --batch-size, --pretrain-iterations and --steps must be >= 1")
     if args.num_train < args.batch_size:
