@@ -5,8 +5,9 @@ in miniature, with `mrcnn.weights.load_pretrained`.)
 **Pretraining.** The demo's model (`shapes_small`, `mrcnn/demo.py`'s recipe: SGD, lr 0.02, batch 4,
 linear warm-up of 100 steps, gradient clipping at 10, the rate divided by 10 at 3/4 of the run)
 on the synthetic shapes of `mrcnn/data/shapes.py` (circles, squares, triangles, stars: K = 5 with
-the background), once, with seed 0. The demo trains 1500 steps; the default here is 1000, to keep
-the whole experiment within about half an hour of a loaded 2-core CPU. It is scored on held-out
+the background), once, with seed 0. The demo trains 1500 steps; the default here is 800, to keep
+the whole experiment within about half an hour of a loaded 2-core CPU (load 5 to 7, where a step of
+4 images takes 1.3 s with one thread). It is scored on held-out
 shapes, so the record says how good the starting point was.
 
 **The new task.** The stick figures of `mrcnn/data/keypoints.py` as one class, "figure", with
@@ -81,11 +82,12 @@ def pretrain_settings(args: argparse.Namespace) -> dict:
             "num_train": args.num_pretrain_train, "num_val": args.num_pretrain_val, "data_seed": args.data_seed}  # fmt: skip
 
 
-def run_settings(args: argparse.Namespace) -> dict:
-    """What a fine-tuning or from-scratch run depends on besides its arm and seed (and the pretraining)."""
-    return {"steps": sorted(args.steps), "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup,
-            "clip_grad_norm": 10.0, "decay": None, "flip": True, "num_train": args.num_train,
-            "num_val": args.num_val, "data_seed": args.data_seed, "pretrain": pretrain_settings(args)}  # fmt: skip
+def run_settings(args: argparse.Namespace, arm: str) -> dict:
+    """What a run of `arm` depends on besides its seed: the fine-tuned arm, on the pretraining's too."""
+    settings = {"steps": sorted(args.steps), "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup,
+                "clip_grad_norm": 10.0, "decay": None, "flip": True, "num_train": args.num_train,
+                "num_val": args.num_val, "data_seed": args.data_seed}  # fmt: skip
+    return {**settings, "pretrain": pretrain_settings(args)} if arm == "fine_tuned" else settings
 
 
 def record_path(output_dir: Path, arm: str, seed: int) -> Path:
@@ -208,7 +210,7 @@ def run_one(arm: str, seed: int, args: argparse.Namespace) -> dict:
     from mrcnn.train import TrainSettings, read_log, train
     from mrcnn.weights import load_pretrained
 
-    settings = run_settings(args)
+    settings = run_settings(args, arm)
     path = record_path(args.output_dir, arm, seed)
     record = read_record(path, settings)
     if record is None and path.parent.exists():
@@ -272,10 +274,9 @@ def _describe(name: tuple, record: dict) -> str:
 def run_all(args: argparse.Namespace) -> dict:
     """Run whatever is not finished, `args.processes` at a time; fine-tuning waits for the pretraining."""
     pretraining = pretrain_settings(args)
-    settings = run_settings(args)
     jobs = [] if finished(pretrain_record_path(args.output_dir), pretraining) else [("pretrain",)]
     jobs += [(arm, seed) for arm in ("from_scratch", "fine_tuned") for seed in args.seeds
-             if finished(record_path(args.output_dir, arm, seed), settings) is None]  # fmt: skip
+             if finished(record_path(args.output_dir, arm, seed), run_settings(args, arm)) is None]  # fmt: skip
     total = 1 + len(ARMS) * len(args.seeds)
     print(f"{len(jobs)} runs to do, {total - len(jobs)} already finished", flush=True)
     errors: dict = {}
@@ -401,12 +402,11 @@ def write_summary(args: argparse.Namespace, errors: dict) -> dict:
     """Collect the finished records and write `args.results` (JSON) and its `.md`."""
     import torch
 
-    settings = run_settings(args)
     pre = finished(pretrain_record_path(args.output_dir), pretrain_settings(args))
     records, missing = [], [] if pre else ["pretrain" + (f" ({errors[('pretrain',)]})" if ("pretrain",) in errors else "")]
     for arm in ARMS:
         for seed in args.seeds:
-            record = finished(record_path(args.output_dir, arm, seed), settings)
+            record = finished(record_path(args.output_dir, arm, seed), run_settings(args, arm))
             if record is not None:
                 records.append(record)
             else:
@@ -421,7 +421,7 @@ def write_summary(args: argparse.Namespace, errors: dict) -> dict:
                     "processes": args.processes, "niceness": os.nice(0)},  # fmt: skip
         "task": "fine-tune a shapes_small model pretrained on the shapes (K = 5) to the stick figures as one class "
                 "(K = 2, masks only), against the same model trained from scratch with the same settings",
-        "settings": {**settings, "seeds": args.seeds},
+        "settings": {**run_settings(args, "fine_tuned"), "seeds": args.seeds},
         "data": {"num_train": args.num_train, "num_val": args.num_val, "seed": args.data_seed,
                  "task": "mrcnn/data/keypoints.py stick figures, one class, masks (keypoints ignored)"},  # fmt: skip
         "pretrain": pre and {k: pre[k] for k in ("settings", "metrics", "train_seconds", "evaluate_seconds", "code")},
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--num-train", type=int, default=100, help="training images of the new task")
     parser.add_argument("--num-val", type=int, default=100, help="held-out images of the new task")
-    parser.add_argument("--pretrain-iterations", type=int, default=1000, help="the demo trains 1500")
+    parser.add_argument("--pretrain-iterations", type=int, default=800, help="the demo trains 1500")
     parser.add_argument("--pretrain-batch-size", type=int, default=4)
     parser.add_argument("--pretrain-lr", type=float, default=0.02)
     parser.add_argument("--pretrain-warmup", type=int, default=100)
