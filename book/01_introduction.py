@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from matplotlib.colors import to_rgb
 
-from mrcnn.book import show_source, trained_shapes_model
+from book_helpers import show_source, trained_shapes_model
 from mrcnn.config import shapes_small
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.inference import paste_detection_masks
@@ -152,7 +152,7 @@ plt.show()
 # ## A model to look at
 #
 # An untrained network detects nothing worth drawing, so the chapter takes a trained one from
-# `mrcnn.book.trained_shapes_model`: the demo's model when `make demo` has written
+# `trained_shapes_model` (book/book_helpers.py): the demo's model when `make demo` has written
 # `runs/demo/train/checkpoint.pt` (the small preset trained for minutes on a thousand
 # pictures), otherwise a short run of the same preset (`shapes_small`: a narrow ResNet, a
 # 64-channel FPN, images of 128 pixels), about half a minute on one CPU thread, kept in
@@ -334,7 +334,7 @@ show_source(MaskRCNN.forward)
 # | 5, 6 RoIAlign (and RoIPool before it) | `mrcnn/roi_align.py`, `kernels/roi_align.py` | [3 RoIAlign](03_3_roi_align.py), [2 Related work](02_related_work.py) |
 # | 5, 6 box and mask heads, the per-class sigmoid | `mrcnn/box_head.py`, `mrcnn/mask_head.py`, `mrcnn/mask_loss.py` | [3 Mask representation](03_2_mask_representation.py) |
 # | 5, 7 per-class NMS, the masks of the detections, pasting | `mrcnn/box_head.py`, `mrcnn/inference.py` | [3.1 Inference](03_6_inference.py) |
-# | all seven, one image, every intermediate by name | `mrcnn/inspect.py` | [Inspecting a trained model](06_inspecting.py) |
+# | all seven, one image, every intermediate by name | `mrcnn/inspection.py` | [Inspecting a trained model](06_inspecting.py) |
 # | the five losses and their samples | `mrcnn/train.py` | [3.1 Training](03_5_training.py) |
 # | measuring: COCO AP | `mrcnn/evaluate.py` | [4.1 Main results](04_1_main_results.py); 4.2 Ablations; 4.3 Box detection and 4.4 Timing |
 # | a keypoint branch beside the mask branch | `mrcnn/keypoint_head.py` | [5 Human pose](05_human_pose.py) |

@@ -51,7 +51,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mrcnn.book import show_source
+from book_helpers import DEMO_CHECKPOINT, repository_root, show_source
 from mrcnn.boxes import box_iou
 from mrcnn.checkpoint import config_from_checkpoint, load_checkpoint, load_model_state
 from mrcnn.config import shapes_small
@@ -180,15 +180,13 @@ show_source(detections_to_coco_results, evaluate)
 
 # %%
 work = Path(tempfile.mkdtemp(prefix="main_results_"))
-demo_checkpoint = Path("../runs/demo/train/checkpoint.pt")
-if not demo_checkpoint.exists():
-    demo_checkpoint = Path("runs/demo/train/checkpoint.pt")
+demo_checkpoint = DEMO_CHECKPOINT  # runs/demo/train/checkpoint.pt in the checkout, wherever the notebook runs
 if demo_checkpoint.exists():
     checkpoint = load_checkpoint(demo_checkpoint)
     model = MaskRCNN(config_from_checkpoint(checkpoint))
     load_model_state(model, checkpoint)
     shapes = generate_shapes(work / "shapes", num_train=0, num_val=60)  # the first of the demo's held-out images
-    origin = f"the demo's model ({checkpoint['step']} steps, {demo_checkpoint})"
+    origin = f"the demo's model ({checkpoint['step']} steps, {demo_checkpoint.relative_to(repository_root())})"
 else:
     shapes = generate_shapes(work / "shapes", num_train=150, num_val=60)
     training = CocoDataset(shapes.train_images, shapes.train_annotations, remove_images_without_annotations=True)

@@ -1,11 +1,13 @@
 """The book: every chapter runs, every paper section has its chapter, the site lists them in order.
 
-Chapters are jupytext percent scripts, `book/<name>.py`, with fixed names (below). Each one is
-executed here exactly as `mkdocs build` executes it (mkdocs-jupyter's own code: jupytext ->
-nbconvert's nbclient-based executor -> the `python3` kernel of this Python), with
-`TRITON_INTERPRET` removed from the environment as it is for `make book-build`. The rendered
-pages land in the build's cache, so tests/test_site.py, later in the same session, builds the
-site without running the chapters again.
+Chapters are jupytext percent scripts, `book/<name>.py`, with fixed names (below), next to
+their helper module `book/book_helpers.py`. Each one is executed here exactly as `mkdocs build`
+executes it (mkdocs-jupyter's own code: jupytext -> nbconvert's nbclient-based executor -> the
+`python3` kernel of this Python), in `book/` as Jupyter runs a notebook (tools/book_hooks.py
+starts the kernel there, whatever folder the build runs in), with `TRITON_INTERPRET` removed
+from the environment as it is for `make book-build`. A chapter that prints that a file it reads
+is not there fails. The rendered pages land in the build's cache, so tests/test_site.py, later
+in the same session, builds the site without running the chapters again.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
 CHAPTER_TIMEOUT_S = 180
+HELPERS = ["book_helpers.py"]  # imported by the chapters, not a page of the site
 
 # The chapters, in the paper's order. The names are fixed; a chapter is "present" once its file exists.
 CHAPTERS = [
@@ -111,8 +115,21 @@ def nav() -> list[tuple[tuple[str, ...], str, str]]:
 
 
 def test_chapter_files_have_the_planned_names():
-    unexpected = sorted(path.name for path in BOOK.glob("*.py") if path.name not in CHAPTERS)
+    unexpected = sorted(path.name for path in BOOK.glob("*.py") if path.name not in CHAPTERS + HELPERS)
     assert not unexpected, f"book/ holds .py files that are not chapters {CHAPTERS}: {unexpected}"
+
+
+def test_the_helper_module_is_not_a_page(mkdocs_config):
+    """mkdocs-jupyter makes every `*.py` of book/ a page; mkdocs.yml's exclude_docs leaves the helpers out."""
+    from mkdocs.structure.files import get_files, set_exclusions
+
+    files = get_files(mkdocs_config)
+    files = mkdocs_config.plugins[JUPYTER_PLUGIN_NAME].on_files(files, config=mkdocs_config) or files  # as the build
+    set_exclusions(files, mkdocs_config)
+    pages = {file.src_uri for file in files.documentation_pages()}
+    assert set(PRESENT) <= pages
+    assert not pages & set(HELPERS), f"helper modules rendered as pages: {sorted(pages & set(HELPERS))}"
+    assert not [file.src_uri for file in files if file.inclusion.is_included() and "__pycache__" in file.src_uri]
 
 
 def test_nav_lists_every_chapter_file_and_only_files_that_exist(nav):
@@ -197,7 +214,7 @@ def test_chapter_follows_the_house_plan(chapter):
     absent = sorted(p for p in paths if not (ROOT / p).exists())
     assert not absent, f"{chapter}'s opening names files that do not exist: {absent}"
     code = "\n".join(cell.source for cell in cells if cell.cell_type == "code")
-    assert "show_source(" in code, f"{chapter} must show the library's code with mrcnn.book.show_source"
+    assert "show_source(" in code, f"{chapter} must show the library's code with book_helpers.show_source"
     headings = [line for cell in cells if cell.cell_type == "markdown" for line in cell.source.splitlines()]
     assert any(re.match(r"#+\s+What to try next", line) for line in headings), f"{chapter} must end with 'What to try next'"
 
@@ -239,15 +256,62 @@ def mkdocs_config():
     return load_config(str(ROOT / "mkdocs.yml"))
 
 
+# What a chapter prints when a file it reads (a recorded result) is missing
+MISSING_FILE = re.compile(r"not there|not recorded|to record them|no profile recorded|no such file", re.IGNORECASE)
+VOID_ELEMENTS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+class OutputText(HTMLParser):
+    """The text of a rendered chapter's outputs (what its cells printed and displayed), not its code or prose."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.depth, self.parts = 0, []  # depth: how many open elements deep inside an output
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        if tag in VOID_ELEMENTS:
+            return
+        if self.depth:
+            self.depth += 1
+        elif "jp-OutputArea-output" in (dict(attrs).get("class") or "").split():
+            self.depth = 1
+
+    def handle_endtag(self, tag):
+        if self.depth and tag not in VOID_ELEMENTS:
+            self.depth -= 1
+            if not self.depth:
+                self.parts.append("\n")
+
+    def handle_data(self, data):
+        if self.depth:
+            self.parts.append(data)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def test_output_text_reads_outputs_only():
+    html = ('<div class="jp-InputArea"><pre>print("x is not there")</pre></div>'
+            '<div class="jp-RenderedText jp-OutputArea-output"><pre>results.json is not there<br>, run it</pre></div>'
+            '<div class="jp-RenderedMarkdown jp-OutputArea-output"><p>(run it <img src="a.png"> to record them)</p></div>'
+            '<p>prose: not there</p>')  # fmt: skip
+    text = OutputText(html).text
+    assert text == "results.json is not there, run it\n(run it  to record them)\n"
+    assert len(MISSING_FILE.findall(text)) == 2
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(CHAPTER_TIMEOUT_S)
 @pytest.mark.parametrize("chapter", PRESENT)
-def test_chapter_runs(chapter, mkdocs_config, monkeypatch, tmp_path_factory):
-    """The chapter runs top to bottom without an error, and draws at least one figure."""
+def test_chapter_runs(chapter, mkdocs_config, monkeypatch, tmp_path_factory, tmp_path):
+    """The chapter runs top to bottom in book/, without an error and with every file it reads, and draws a figure."""
     from nbclient.exceptions import CellExecutionError
 
     hooks = _load_book_hooks()
-    monkeypatch.chdir(ROOT)  # where `make book-build` runs mkdocs, so where the chapter runs
+    monkeypatch.chdir(tmp_path)  # anywhere: the chapter runs in book/ all the same, as in Jupyter
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as for `make book-build`: a chapter sets what it needs
     monkeypatch.setenv(hooks.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "book-cache"))  # shared with test_site.py
     started = time.monotonic()
@@ -257,6 +321,8 @@ def test_chapter_runs(chapter, mkdocs_config, monkeypatch, tmp_path_factory):
         pytest.fail(f"{chapter} fails:\n{ANSI_ESCAPE.sub('', str(error))}", pytrace=False)
     seconds = time.monotonic() - started
     assert "jp-Cell" in html
+    missing = [line for line in OutputText(html).text.splitlines() if MISSING_FILE.search(line)]
+    assert not missing, f"{chapter} misses files it reads:\n" + "\n".join(missing)
     assert re.search(r"<img[^>]+src=\"data:image/(png|svg|jpeg)", html), f"{chapter} draws no figure"
     print(f"{chapter}: executed and rendered in {seconds:.1f} s")
 

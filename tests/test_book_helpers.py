@@ -1,12 +1,35 @@
-"""mrcnn/book.py: the trained model the chapters share (the demo's, or a short run kept in a cache)."""
+"""book/book_helpers.py: the checkout the chapters read from, and the trained model they share
+(the demo's, or a short run kept in a cache).
+
+The helper is the book's, not the library's: it is loaded here from its file, as a chapter
+imports it from its own folder.
+"""
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from mrcnn.book import source, trained_shapes_model
 from mrcnn.checkpoint import load_checkpoint, save_checkpoint
 from mrcnn.config import shapes_small
 from mrcnn.model import MaskRCNN
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_helpers(path: Path = ROOT / "book" / "book_helpers.py", name: str = "book_helpers"):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import would: inspect.getsource finds the module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+book_helpers = load_helpers()
+source, trained_shapes_model = book_helpers.source, book_helpers.trained_shapes_model
 
 TINY_RUN = {"num_images": 4, "iterations": 2, "batch_size": 2}  # two steps: what matters is where the model goes
 
@@ -20,6 +43,23 @@ def assert_same_weights(model, other):
 
 def test_source_is_the_real_code():
     assert source(trained_shapes_model).startswith("def trained_shapes_model(")
+
+
+def test_the_repository_root_is_the_checkout_whatever_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert book_helpers.repository_root() == ROOT
+    assert (book_helpers.repository_root() / "experiments" / "results").is_dir()
+    assert book_helpers.DEMO_CHECKPOINT == ROOT / "runs" / "demo" / "train" / "checkpoint.pt"
+
+
+def test_a_helper_copied_out_of_its_checkout_says_so(tmp_path):
+    (tmp_path / "book").mkdir()
+    shutil.copy(ROOT / "book" / "book_helpers.py", tmp_path / "book" / "book_helpers.py")
+    try:
+        with pytest.raises(FileNotFoundError, match="pyproject.toml, mrcnn/__init__.py"):
+            load_helpers(tmp_path / "book" / "book_helpers.py", "copied_book_helpers")
+    finally:
+        sys.modules.pop("copied_book_helpers", None)
 
 
 def test_the_demos_checkpoint_is_used_when_it_exists(tmp_path, capsys):

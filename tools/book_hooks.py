@@ -1,24 +1,30 @@
 """mkdocs hooks that finish the book's site (loaded by mkdocs.yml: `hooks: [tools/book_hooks.py]`).
 
 mkdocs-jupyter executes every chapter (`book/*.py`, jupytext percent format) and renders it
-with nbconvert. Four things are added here:
+with nbconvert. Five things are added here:
 
-1. **A cache that knows the library.** mkdocs-jupyter caches a rendered chapter under a key
+1. **Chapters run in their own folder.** nbconvert starts the kernel in the current folder,
+   which for `mkdocs build` is the repository root. Jupyter, VS Code and nbconvert on a
+   notebook start it in the notebook's folder, `book/`; the build does the same here, so a
+   chapter runs alike everywhere and imports its helper module (`book/book_helpers.py`) from
+   its own folder.
+2. **A cache that knows the library.** mkdocs-jupyter caches a rendered chapter under a key
    made of the chapter's text and the plugin options. A chapter's output also depends on the
-   code it imports, so the cache lives in a folder named after a fingerprint of `mrcnn/` and
-   `kernels/`: change the library and every chapter runs again. The folder is
-   `build/book-cache/<fingerprint>` (or `$MRCNN_BOOK_CACHE/<fingerprint>`; the tests point it
-   at a temporary folder); older fingerprints are deleted.
-2. **Offline math.** nbconvert's page template loads MathJax 2 (and mermaid) from a CDN. Those
+   code it imports and the results it reads, so the cache lives in a folder named after a
+   fingerprint of `mrcnn/`, `kernels/`, `benchmarks/`, `experiments/` (their code and recorded
+   results) and the book's helper module: change any of them and every chapter runs again. The
+   folder is `build/book-cache/<fingerprint>` (or `$MRCNN_BOOK_CACHE/<fingerprint>`; the tests
+   point it at a temporary folder); older fingerprints are deleted.
+3. **Offline math.** nbconvert's page template loads MathJax 2 (and mermaid) from a CDN. Those
    tags are removed; the math in chapters is rendered by the KaTeX copy that ships with the
    site (`book/javascripts/math.js`). A chapter page that still loads a script or stylesheet
    from the network is reported as a warning, which fails `mkdocs build --strict`.
-3. **Links between pages.** A chapter's markdown is rendered by nbconvert, not by mkdocs, so a
+4. **Links between pages.** A chapter's markdown is rendered by nbconvert, not by mkdocs, so a
    link such as `[RoIAlign](03_3_roi_align.py)` would keep pointing at the source file. Links
    to another page of the book (a chapter `.py` or a `.md` page) are rewritten to that page's
    URL, as mkdocs does for markdown pages; a link to a page that does not exist is reported
    as a warning, which fails `mkdocs build --strict`.
-4. **Downloads.** Next to every chapter page the site holds `<chapter>.py` (copied by
+5. **Downloads.** Next to every chapter page the site holds `<chapter>.py` (copied by
    mkdocs-jupyter's `include_source`) and `<chapter>.ipynb`, written here without outputs;
    the page links both under its title.
 
@@ -29,6 +35,7 @@ a second time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -40,7 +47,9 @@ from pathlib import Path
 log = logging.getLogger("mkdocs.hooks.book")
 
 CACHE_ENV = "MRCNN_BOOK_CACHE"
-LIBRARY_PACKAGES = ("mrcnn", "kernels")
+# What a chapter's output depends on besides its own text: the code it imports, the results it reads.
+CHAPTER_INPUTS = ("mrcnn", "kernels", "benchmarks", "experiments", "book/book_helpers.py")
+CHAPTER_INPUT_SUFFIXES = (".py", ".json", ".md")
 JUPYTER_PLUGIN = "mkdocs-jupyter"
 
 _MATHJAX_BLOCK = re.compile(r"<!-- Load mathjax -->.*?<!-- End of mathjax configuration -->", re.DOTALL)
@@ -51,15 +60,26 @@ _FIRST_H1_END = re.compile(r"</h1>", re.IGNORECASE)
 _PAGE_LINK = re.compile(r'href="(?![a-z][a-z0-9+.-]*:|//|#)([^"#?]+\.(?:py|md))(#[^"]*)?"', re.IGNORECASE)
 
 
-def library_fingerprint(root: Path) -> str:
-    """A short sha256 of every `.py` file of `mrcnn/` and `kernels/` under `root` (path and bytes)."""
+def chapter_input_files(root: Path) -> list[Path]:
+    """The files of `CHAPTER_INPUTS` under `root`: each folder's `.py`, `.json` and `.md` files, and the named files."""
+    files = []
+    for name in CHAPTER_INPUTS:
+        path = root / name
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in CHAPTER_INPUT_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+    return files
+
+
+def chapter_inputs_fingerprint(root: Path) -> str:
+    """A short sha256 of the chapters' inputs under `root` (`chapter_input_files`: path and bytes)."""
     digest = hashlib.sha256()
-    for package in LIBRARY_PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
-            digest.update(path.relative_to(root).as_posix().encode())
-            digest.update(b"\0")
-            digest.update(path.read_bytes())
-            digest.update(b"\0")
+    for path in chapter_input_files(root):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(b"\0")
+        digest.update(path.read_bytes())
+        digest.update(b"\0")
     return digest.hexdigest()[:16]
 
 
@@ -78,7 +98,7 @@ def configure_cache(config) -> None:
         return
     root = _root(config)
     cache_root = Path(os.environ.get(CACHE_ENV) or root / "build" / "book-cache")
-    cache_dir = cache_root / library_fingerprint(root)
+    cache_dir = cache_root / chapter_inputs_fingerprint(root)
     if cache_root.is_dir():
         for stale in cache_root.iterdir():
             if stale.is_dir() and stale != cache_dir:
@@ -90,6 +110,34 @@ def configure_cache(config) -> None:
 def on_config(config):
     configure_cache(config)
     return config
+
+
+@contextlib.contextmanager
+def working_directory(path: Path):
+    """Within the block, the current folder is `path` (the kernel nbconvert starts inherits it)."""
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def on_pre_page(page, config, files):
+    """Run a chapter in its own folder, as Jupyter does: wrap the render mkdocs-jupyter installed.
+
+    mkdocs runs hooks after the plugins, so `page.render` is already mkdocs-jupyter's, which
+    executes the notebook (or reads the cache).
+    """
+    if _is_chapter(page):
+        render = page.render
+
+        def render_in_chapter_folder(config, files):
+            with working_directory(Path(page.file.abs_src_path).parent):
+                return render(config, files)
+
+        page.render = render_in_chapter_folder
+    return page
 
 
 def _downloads(stem: str) -> str:
@@ -142,7 +190,7 @@ def on_post_page(output, page, config):
 
 
 def execute_chapter(chapter: Path, config) -> str:
-    """Execute and render one chapter exactly as `mkdocs build` does; return the page's HTML.
+    """Execute and render one chapter exactly as `mkdocs build` does (in its own folder); return the page's HTML.
 
     `config` is the book's loaded mkdocs config (`mkdocs.config.load_config("mkdocs.yml")`).
     Uses mkdocs-jupyter's own page hooks, so the result lands in the same cache the build reads.
@@ -160,5 +208,6 @@ def execute_chapter(chapter: Path, config) -> str:
     files = Files([file])
     page = Page(None, file, config)
     plugin.on_pre_page(page, config=config, files=files)
+    on_pre_page(page, config, files)
     page.render(config, files)
     return page.content

@@ -1,5 +1,17 @@
-"""Helpers for the book's notebooks: show the library's real code, never a pasted copy, and
-give the chapters that look at a *trained* model (inference, inspection) one to look at.
+"""Helpers for the book's notebooks: show the library's real code, never a pasted copy, find
+the files the chapters read, and give the chapters that look at a *trained* model (inference,
+inspection) one to look at.
+
+This is the book's tooling, not the library's: it lives next to the chapters (`book/`), knows
+the checkout it sits in, and writes `runs/book/`. A chapter imports it as `book_helpers`, which
+works wherever the chapter runs, because the notebook's own folder is on the import path:
+Jupyter, VS Code and nbconvert start the kernel in `book/`, `python book/<chapter>.py` puts
+`book/` first on `sys.path`, and the site's build runs every chapter in `book/` too
+(tools/book_hooks.py). mkdocs.yml keeps this file out of the site's pages.
+
+`repository_root()` is the checkout, found from this file's own place (never from the current
+folder), so `repository_root() / "experiments" / "results" / "ablations.json"` is the same file
+whichever folder a chapter runs in.
 
 `trained_shapes_model()` returns the `shapes_small` model of the demo (`make demo` writes
 `runs/demo/train/checkpoint.pt`) when it is there. On a fresh checkout it trains one instead,
@@ -19,9 +31,32 @@ import textwrap
 import time
 from pathlib import Path
 
-REPOSITORY = Path(__file__).resolve().parents[1]  # the checkout that holds mrcnn/ (an editable install)
-DEMO_CHECKPOINT = REPOSITORY / "runs" / "demo" / "train" / "checkpoint.pt"
-BOOK_RUNS = REPOSITORY / "runs" / "book"
+import torch
+from IPython import get_ipython
+from IPython.display import Markdown, display
+
+from mrcnn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from mrcnn.config import shapes_small
+from mrcnn.data.shapes import ShapesDataset
+from mrcnn.model import MaskRCNN
+from mrcnn.train import TrainSettings, train
+
+
+def repository_root() -> Path:
+    """The checkout this file belongs to: the folder that holds `book/`, `mrcnn/` and `pyproject.toml`.
+
+    Found from this module's own path, so it does not depend on the folder a chapter runs in.
+    Raises `FileNotFoundError` if this file has been copied out of its checkout.
+    """
+    root = Path(__file__).resolve().parents[1]
+    missing = [name for name in ("pyproject.toml", "mrcnn/__init__.py", "book") if not (root / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"{Path(__file__).name} is not in the book/ folder of a checkout: {root} has no {', '.join(missing)}")
+    return root
+
+
+DEMO_CHECKPOINT = repository_root() / "runs" / "demo" / "train" / "checkpoint.pt"
+BOOK_RUNS = repository_root() / "runs" / "book"
 
 # The short run of a fresh checkout: 300 images seen once, one per step. Measured with one thread
 # on a 2-core CPU shared with other jobs (load average 8-9): 56 s of training (about 20 s of CPU
@@ -41,12 +76,6 @@ def show_source(*objects) -> None:
     Outside a notebook (plain `python book/chapter.py`) it prints the code instead.
     """
     text = "\n\n".join(source(obj) for obj in objects)
-    try:
-        from IPython import get_ipython
-        from IPython.display import Markdown, display
-    except ImportError:  # pragma: no cover - IPython is installed with the notebook tools
-        print(text)
-        return
     if get_ipython() is None:
         print(text)
     else:
@@ -55,8 +84,6 @@ def show_source(*objects) -> None:
 
 def _load(path: Path):
     """The `MaskRCNN` of a training checkpoint, in evaluation mode, and the steps it was trained."""
-    from mrcnn.checkpoint import load_checkpoint, model_from_checkpoint
-
     checkpoint = load_checkpoint(path)
     return model_from_checkpoint(checkpoint, path).eval(), checkpoint["step"]
 
@@ -77,12 +104,6 @@ def trained_shapes_model(demo_checkpoint: str | os.PathLike | None = DEMO_CHECKP
     The defaults are a compromise between a chapter that runs in a minute and a model that
     detects something: BOOK_TRAINING records what they cost and give.
     """
-    from mrcnn.checkpoint import CheckpointError
-    from mrcnn.config import shapes_small
-    from mrcnn.data.shapes import ShapesDataset
-    from mrcnn.model import MaskRCNN
-    from mrcnn.train import TrainSettings, train
-
     if demo_checkpoint is not None and Path(demo_checkpoint).is_file():
         model, steps = _load(Path(demo_checkpoint))
         print(f"the demo's model: {steps} steps, {demo_checkpoint}")
@@ -99,8 +120,6 @@ def trained_shapes_model(demo_checkpoint: str | os.PathLike | None = DEMO_CHECKP
             return model
         except CheckpointError as error:  # written by another version of the library: train again
             print(f"cannot use {cached} ({error}); training again")
-
-    import torch
 
     settings = TrainSettings(iterations=iterations, batch_size=batch_size, lr=lr, decay_steps=(round(0.8 * iterations),),
                              warmup_iterations=max(1, iterations // 10), clip_grad_norm=10.0, seed=seed,
