@@ -16,9 +16,9 @@
 # **Paper:** all of section 3 as one picture each: "Faster R-CNN" (backbone, FPN, anchors, the
 # RPN), "RoIAlign", "Mask Representation", and section 3.1, "Implementation Details" (the
 # training targets, and the paragraph "Inference").
-# **Code:** `mrcnn/inspect.py` (`inspect_image`: every intermediate of one image, by name) and
-# `mrcnn/inspect_figures.py` (one figure per stage).
-# **Proof:** `tests/test_inspect.py` (each recorded intermediate is what the model used: the
+# **Code:** `mrcnn/inspection.py` (`inspect_image`: every intermediate of one image, by name,
+# read in one step per stage) and `mrcnn/inspection_figures.py` (one figure per stage).
+# **Proof:** `tests/test_inspection.py` (each recorded intermediate is what the model used: the
 # final detections equal a plain forward bit for bit, NMS of the recorded candidates gives the
 # recorded proposals and detections, bilinear sampling at the recorded points gives the
 # recorded RoI features, the mask targets give the model's mask loss).
@@ -40,10 +40,19 @@ import math
 
 import torch
 
-from mrcnn.book import show_source, trained_shapes_model
+from book_helpers import show_source, trained_shapes_model
 from mrcnn.data.shapes import ShapesDataset
-from mrcnn.inspect import inspect_image, recording
-from mrcnn.inspect_figures import (
+from mrcnn.inspection import (
+    inspect_box_branch,
+    inspect_features,
+    inspect_image,
+    inspect_input,
+    inspect_mask_branch,
+    inspect_rpn,
+    record_forward,
+    recording,
+)
+from mrcnn.inspection_figures import (
     activation_histograms_figure,
     anchors_figure,
     box_refinement_figure,
@@ -99,10 +108,12 @@ cut = min(0.5, float(expected["scores"][: len(target["labels"])].min())) if len(
 cut = math.floor(100 * cut) / 100  # two decimals, rounded down
 
 # %% [markdown]
-# How it records: one forward hook per module, removed when the block ends.
+# How it records: one forward hook per module, removed when the block ends, around one call of
+# the model's own forward. Every step below reads this recording, one stage at a time, and
+# returns its fields of the `Inspection`.
 
 # %%
-show_source(recording)
+show_source(record_forward, recording)
 
 # %% [markdown]
 # ## The input
@@ -110,6 +121,10 @@ show_source(recording)
 # The transform resizes the image so that its shorter side is `min_size` (128 for the small
 # preset; 800 in the paper) and pads it with zeros to a multiple of 32, so that every FPN level
 # divides it exactly. The shapes are drawn at 128 pixels, so here nothing is resized or padded.
+# The step reads the transform's output and undoes the normalization for the picture:
+
+# %%
+show_source(inspect_input)
 
 # %%
 input_figure(inspection)
@@ -121,6 +136,9 @@ input_figure(inspection)
 # (strides 4 to 32); the FPN adds the top-down pathway, so that every $P_k$ has $C$ channels and
 # carries the coarse levels' context at its own resolution. $P_6$ is a max-pool of $P_5$, for the
 # RPN's largest anchors only.
+
+# %%
+show_source(inspect_features)
 
 # %%
 feature_maps_figure(inspection)
@@ -135,6 +153,13 @@ feature_maps_figure(inspection)
 # RPN is fed "only the lowest-level feature map from the FPN": as the figure shows, every level
 # $P_2 \ldots P_6$ has anchors and objectness scores. The RPN's head runs on all of them with
 # shared weights; it is each *RoI* that later takes its features from one level only.
+#
+# The RPN's step records what its head returned and asks the RPN's own methods for the rest: the
+# anchors and decoded boxes (`predict`), the candidates before NMS, and, given the ground
+# truth, the label of every anchor (`assign_targets`):
+
+# %%
+show_source(inspect_rpn)
 
 # %%
 anchors_figure(inspection)
@@ -176,6 +201,12 @@ proposals_figure(inspection)
 # $k = \lfloor 4 + \log_2(\sqrt{wh}/224) \rfloor$, clamped to $[2, 5]$. The shapes are small next
 # to the 224 pixels of an ImageNet picture: a RoI needs $\sqrt{wh} \ge 112$ pixels to reach
 # $P_3$, so in a 128-pixel image nearly every proposal reads $P_2$.
+#
+# The box branch's step: the level of each RoI, the pooled features and the head's outputs as
+# recorded, every proposal refined for every class, and the candidates of per-class NMS:
+
+# %%
+show_source(inspect_box_branch)
 
 # %%
 roi_levels_figure(inspection)
@@ -217,7 +248,11 @@ detection_nms_figure(inspection, score_threshold=min(0.3, cut))
 # What the mask branch is trained to predict: for each positive training RoI (IoU at least 0.5
 # with an object; sampled here from this image's proposals and ground truth as a training step
 # would), the object's mask cropped by the RoI and resampled to $M \times M = 28 \times 28$. A
-# RoI that is off-centre on its object gets an off-centre target.
+# RoI that is off-centre on its object gets an off-centre target. The step samples the RoIs as a
+# training step would, with a fixed seed, and asks the mask branch for their targets:
+
+# %%
+show_source(inspect_mask_branch)
 
 # %%
 mask_targets_figure(inspection, class_names=class_names)
@@ -260,7 +295,7 @@ activation_histograms_figure(inspection)
 
 # %% [markdown]
 # The library's entry point, for reference: it checks its inputs, puts the model in evaluation
-# mode and back, and hands the work to `_inspect`, which reads the recordings.
+# mode and back, records one forward and reads it with the five steps above.
 
 # %%
 show_source(inspect_image)

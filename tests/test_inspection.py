@@ -1,4 +1,4 @@
-"""mrcnn/inspect.py: every intermediate has its shape and the values the model itself used.
+"""mrcnn/inspection.py: every intermediate has its shape and the values the model itself used.
 
 A small untrained model on one 64 x 64 shapes image: its random weights already give
 proposals, detections and masks, which is all these checks need. Each stage is compared with
@@ -8,6 +8,7 @@ points, the IoU rules of the RPN's labels).
 """
 
 import math
+from dataclasses import fields
 
 import matplotlib
 import pytest
@@ -19,7 +20,17 @@ from mrcnn.box_head import select_training_rois
 from mrcnn.config import shapes_small
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.inference import paste_detection_masks
-from mrcnn.inspect import inspect_image
+import mrcnn.inspection_figures as figures
+from mrcnn.inspection import (
+    Inspection,
+    inspect_box_branch,
+    inspect_features,
+    inspect_image,
+    inspect_input,
+    inspect_mask_branch,
+    inspect_rpn,
+    record_forward,
+)
 from mrcnn.mask_loss import mask_loss
 from mrcnn.model import MaskRCNN
 from mrcnn.transform import resize_boxes
@@ -58,6 +69,21 @@ def test_final_detections_are_the_models_own_bit_for_bit(model, sample, inspecti
     for key, value in expected.items():
         assert torch.equal(inspection.detections[key], value), key
     assert len(expected["boxes"]) > 0  # the checks below look at real detections
+
+
+def test_the_named_steps_fill_every_field_once(model, sample, inspection):
+    image, target = sample
+    with torch.no_grad():
+        detections, seen = record_forward(model, image, target)
+        steps = [inspect_input(model, seen), inspect_features(model, seen), inspect_rpn(model, seen),
+                 inspect_box_branch(model, seen, 3), inspect_mask_branch(model, seen, 0)]  # fmt: skip
+    names = [name for step in steps for name in step]
+    assert len(names) == len(set(names))  # no field from two steps
+    assert set(names) | {"image", "detections"} == {item.name for item in fields(Inspection)}
+    for name in ("proposals", "class_logits", "mask_targets"):  # the same as inspect_image's, step by step
+        step = next(step for step in steps if name in step)
+        assert torch.equal(step[name], getattr(inspection, name)), name
+    assert torch.equal(detections["boxes"], inspection.detections["boxes"])
 
 
 def test_transform_backbone_and_fpn(model, sample, inspection):
@@ -220,10 +246,24 @@ def test_bad_input_raises_before_any_work(model, sample):
         inspect_image(model, image, roi_index=10_000)
 
 
+def test_the_figures_steps_find_anchors_samples_and_source_proposals(model, inspection):
+    for anchors in inspection.anchors.values():  # the A anchors of one cell, nearest the point asked for
+        chosen = figures.anchors_at(anchors, 29.3, 21.1)  # not halfway between two cells
+        assert len(chosen) == len(model.config.aspect_ratios)
+        centres = (chosen[:, :2] + chosen[:, 2:]) / 2
+        assert bool((centres == centres[0]).all())
+        distances = ((anchors[:, :2] + anchors[:, 2:]) / 2 - torch.tensor([29.3, 21.1])).abs().sum(dim=1)
+        assert float((centres[0] - torch.tensor([29.3, 21.1])).abs().sum()) == pytest.approx(float(distances.min()))
+    x1, y1, x2, y2 = figures.roi_in_feature_map(inspection.sampling)  # every sample lies inside the RoI
+    assert bool(((inspection.sampling.y > y1) & (inspection.sampling.y < y2)).all())
+    assert bool(((inspection.sampling.x > x1) & (inspection.sampling.x < x2)).all())
+    for box, label in zip(inspection.detections_resized["boxes"], inspection.detections_resized["labels"]):
+        source = figures.source_proposal(inspection, box, int(label))
+        assert torch.equal(inspection.refined_boxes[source, label], box)
+
+
 @pytest.mark.slow
 def test_every_figure_draws(model, inspection, sample):
-    import mrcnn.inspect_figures as figures
-
     names = ShapesDataset.category_names
     drawn = [
         figures.input_figure(inspection), figures.feature_maps_figure(inspection), figures.anchors_figure(inspection),

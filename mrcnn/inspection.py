@@ -1,9 +1,9 @@
 r"""Look inside every stage of a model for one image: each intermediate, by name.
 
 `inspect_image(model, image, target)` runs the model's own `forward` once, in evaluation mode,
-with forward hooks on its modules, and keeps what each module received and returned: the
-resized and padded image, the backbone's C2..C5, the FPN's P2..P6, the RPN head's objectness
-and deltas, the proposals, the RoI features, the box branch's logits and deltas, the
+with forward hooks on its modules (`record_forward`), and keeps what each module received and
+returned: the resized and padded image, the backbone's C2..C5, the FPN's P2..P6, the RPN head's
+objectness and deltas, the proposals, the RoI features, the box branch's logits and deltas, the
 detections, the mask logits, and the final pasted masks. Nothing is recomputed by a copy of the
 model's code. What happens *inside* a module (the proposals before NMS, the per-class boxes
 before per-class NMS, the FPN level of each RoI, where RoIAlign samples) is computed by that
@@ -14,16 +14,20 @@ module's own public methods, on the inputs it recorded:
     anchors, objectness         RegionProposalNetwork.predict (the first half of its forward)
     RPN candidates before NMS   RegionProposalNetwork.proposals_before_nms (called by select_proposals)
     RPN targets (given a truth) RegionProposalNetwork.assign_targets (Matcher 0.7 / 0.3)
-    FPN level of each RoI       mrcnn.roi_align.fpn_level (FPN eq. 1, as MultiLevelRoIAlign)
+    FPN level of each RoI       mrcnn.poolers.fpn_level (FPN eq. 1, as MultiLevelRoIAlign)
     RoIAlign sampling points    mrcnn.roi_align.sampling_grid (as every RoIAlign implementation)
     box refinement, candidates  mrcnn.box_head.refine_boxes, detection_candidates (postprocess_detections)
     mask targets (given truth)  select_training_rois, MaskBranch.positive_rois, MaskBranch.mask_targets
     mask probabilities          MaskBranch.predict
 
-tests/test_inspect.py checks that each intermediate is what the model used: the recorded
+`inspect_image` reads the recording in one named step per stage, each returning its fields of
+the `Inspection`: `inspect_input` (the transform), `inspect_features` (backbone and FPN),
+`inspect_rpn`, `inspect_box_branch` and `inspect_mask_branch`.
+
+tests/test_inspection.py checks that each intermediate is what the model used: the recorded
 detections equal a plain `model([image])` bit for bit, NMS of the candidates gives the
 recorded proposals and detections, RoIAlign at the sampling points gives the recorded RoI
-features. Figures of every stage are in `mrcnn.inspect_figures`.
+features. Figures of every stage are in `mrcnn.inspection_figures`.
 
 Shapes (the book's legend): C channels, H x W, A anchors per location, T anchors of the image,
 R proposals, K classes, P pooled size, M mask size, G objects, D detections.
@@ -187,12 +191,20 @@ def inspect_image(model: nn.Module, image: Tensor, target: dict[str, Tensor] | N
     was_training = model.training
     model.eval()
     try:
-        return _inspect(model, image, target, roi_index, seed)
+        detections, seen = record_forward(model, image, target)
+        return Inspection(image=image.detach(), **inspect_input(model, seen), **inspect_features(model, seen),
+                          **inspect_rpn(model, seen), **inspect_box_branch(model, seen, roi_index),
+                          **inspect_mask_branch(model, seen, seed), detections=detections)  # fmt: skip
     finally:
         model.train(was_training)
 
 
-def _inspect(model: nn.Module, image: Tensor, target: dict[str, Tensor] | None, roi_index: int, seed: int) -> Inspection:
+def record_forward(model: nn.Module, image: Tensor, target: dict[str, Tensor] | None) -> tuple[dict, dict[str, list]]:
+    """The model's own forward on `[image]`, recorded: its detections for the image, and `seen` (`recording`).
+
+    Recorded modules: the transform, backbone, FPN, the RPN and its head, the box branch with its
+    pooler, head and predictor, and the mask branch's pooler and predictor.
+    """
     box_branch, mask_branch = model.box_branch, model.mask_branch
     modules = {"transform": model.transform, "backbone": model.backbone, "fpn": model.fpn, "rpn_head": model.rpn.head,
                "rpn": model.rpn, "box_pooler": box_branch.pooler, "box_head": box_branch.head,
@@ -200,21 +212,60 @@ def _inspect(model: nn.Module, image: Tensor, target: dict[str, Tensor] | None, 
     if mask_branch is not None:
         modules.update(mask_pooler=mask_branch.pooler, mask_predictor=mask_branch.predictor)
     with recording(modules) as seen:
-        detections = model([image], None if target is None else [target])[0]  # the model's own forward
-    (inputs, output), *_ = seen["transform"]
-    batch, image_sizes, resized_targets = output
-    features = seen["fpn"][0][1]  # [P2, ..., P6], each [1, C, H_l, W_l]
-    objectness_maps, delta_maps = seen["rpn_head"][0][1]
-    proposals = seen["rpn"][0][1][0][0]  # [R, 4]
-    first_level = round(math.log2(model.fpn.strides[0]))  # 2: P2 has stride 4
-    levels = [f"P{k}" for k in range(first_level, first_level + len(features))]
+        detections = model([image], None if target is None else [target])[0]
+    return detections, seen
 
+
+# What the recorded modules returned (one call each): the transform's batch, the FPN's levels, the RPN's proposals.
+
+
+def _transformed(seen: dict) -> tuple[Tensor, list[tuple[int, int]], list[dict] | None]:
+    batch, image_sizes, resized_targets = seen["transform"][0][1]  # [1, 3, H_pad, W_pad], [(h, w)], targets
+    return batch, image_sizes, resized_targets
+
+
+def _fpn_levels(model: nn.Module, seen: dict) -> tuple[list[Tensor], list[str]]:
+    features = seen["fpn"][0][1]  # [P2, ..., P6], each [1, C, H_l, W_l]
+    first_level = round(math.log2(model.fpn.strides[0]))  # 2: P2 has stride 4
+    return features, [f"P{k}" for k in range(first_level, first_level + len(features))]
+
+
+def _proposals(seen: dict) -> Tensor:
+    return seen["rpn"][0][1][0][0]  # [R, 4], the RPN's output for the image
+
+
+def inspect_input(model: nn.Module, seen: dict) -> dict:
+    """The transform's output: the normalized, resized, padded image, its size, the resized ground truth."""
+    batch, image_sizes, resized_targets = _transformed(seen)
     mean, std = (torch.as_tensor(v, dtype=batch.dtype, device=batch.device) for v in (model.transform.image_mean, model.transform.image_std))
     padded_image = (batch[0] * std[:, None, None] + mean[:, None, None]).clamp(0, 1)  # [3, H_pad, W_pad]
     padded_image[:, image_sizes[0][0]:] = 0  # the padding, black
     padded_image[:, :, image_sizes[0][1]:] = 0
+    return dict(
+        normalized_image=seen["backbone"][0][0][0][0],  # the backbone's input (the model may change its layout)
+        padded_image=padded_image,
+        image_size=image_sizes[0],
+        resized_target=None if resized_targets is None else resized_targets[0],
+    )
 
-    # inside the RPN: its own methods, on the features it received
+
+def inspect_features(model: nn.Module, seen: dict) -> dict:
+    """The backbone's C2..C5 and the FPN's P2..P6 for the image, by name, each `[C, H_l, W_l]`."""
+    features, levels = _fpn_levels(model, seen)
+    first_level = int(levels[0][1:])
+    return dict(
+        backbone_features={f"C{k}": c[0] for k, c in enumerate(seen["backbone"][0][1], start=first_level)},
+        fpn_features={name: p[0] for name, p in zip(levels, features)},
+    )
+
+
+def inspect_rpn(model: nn.Module, seen: dict) -> dict:
+    """Inside the RPN: its anchors, objectness and deltas per level, its candidates before NMS and its
+    proposals after, computed by its own methods on the features it received; with a ground truth,
+    the label and matched box of every anchor."""
+    batch, image_sizes, resized_targets = _transformed(seen)
+    features, levels = _fpn_levels(model, seen)
+    objectness_maps, delta_maps = seen["rpn_head"][0][1]
     anchors_per_level, objectness, _, decoded = model.rpn.predict(features, tuple(batch.shape[-2:]))
     num_anchors = [a.shape[0] for a in anchors_per_level]
     candidates, scores, candidate_levels = model.rpn.proposals_before_nms(decoded, objectness, image_sizes, num_anchors)[0]
@@ -222,43 +273,7 @@ def _inspect(model: nn.Module, image: Tensor, target: dict[str, Tensor] | None, 
     if resized_targets is not None:
         labels, matched = model.rpn.assign_targets(torch.cat(anchors_per_level), resized_targets)
         rpn_labels, rpn_matched = labels[0], matched[0]
-
-    # inside the box branch
-    rois = seen["box_pooler"][0][0][1]  # [R, 5], what the pooler received
-    pooler = box_branch.pooler
-    class_logits, box_deltas = seen["box_predictor"][0][1]
-    refined, class_scores = refine_boxes(class_logits, box_deltas, [proposals], image_sizes, box_branch.box_coder)
-    before_nms = detection_candidates(refined[0], class_scores[0], box_branch.score_thresh)
-    detections_resized = seen["box_branch"][0][1][0][0]
-    if not 0 <= roi_index < max(len(proposals), 1):
-        raise ValueError(f"roi_index {roi_index} is outside the {len(proposals)} proposals")
-
-    # inside the mask branch
-    mask = dict(mask_roi_features=None, mask_logits=None, mask_probabilities=None, mask_target_boxes=None,
-                mask_target_labels=None, mask_targets=None)  # fmt: skip
-    if mask_branch is not None:
-        mask_logits = seen["mask_predictor"][0][1]  # [D, K, M, M]
-        mask.update(mask_roi_features=seen["mask_pooler"][0][1], mask_logits=mask_logits,
-                    mask_probabilities=mask_branch.predict(features[:4], [detections_resized])[0]["masks"])  # fmt: skip
-        if resized_targets is not None:  # the RoIs a training step would sample from these proposals
-            devices = [image.device] if image.is_cuda else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed)
-                training_rois = select_training_rois([proposals], resized_targets, box_branch.matcher,
-                                                     box_branch.sampler, box_branch.box_coder)  # fmt: skip
-            boxes, matched_gt_index = mask_branch.positive_rois(training_rois)
-            labels = mask_branch.matched(resized_targets, "labels", matched_gt_index)
-            targets = mask_branch.mask_targets(resized_targets, boxes, matched_gt_index, mask_logits.shape[-1])
-            mask.update(mask_target_boxes=boxes[0], mask_target_labels=labels, mask_targets=targets)
-
-    return Inspection(
-        image=image.detach(),
-        normalized_image=seen["backbone"][0][0][0][0],  # the backbone's input (the model may change its layout)
-        padded_image=padded_image,
-        image_size=image_sizes[0],
-        resized_target=None if resized_targets is None else resized_targets[0],
-        backbone_features={f"C{k}": c[0] for k, c in enumerate(seen["backbone"][0][1], start=first_level)},
-        fpn_features={name: p[0] for name, p in zip(levels, features)},
+    return dict(
         anchors=dict(zip(levels, anchors_per_level)),
         objectness={name: o[0] for name, o in zip(levels, objectness_maps)},
         rpn_box_deltas={name: d[0] for name, d in zip(levels, delta_maps)},
@@ -266,8 +281,25 @@ def _inspect(model: nn.Module, image: Tensor, target: dict[str, Tensor] | None, 
         rpn_matched_boxes=rpn_matched,
         proposals_before_nms=candidates,
         proposal_scores_before_nms=scores,
-        proposal_levels_before_nms=candidate_levels + first_level,
-        proposals=proposals,
+        proposal_levels_before_nms=candidate_levels + int(levels[0][1:]),
+        proposals=_proposals(seen),
+    )
+
+
+def inspect_box_branch(model: nn.Module, seen: dict, roi_index: int) -> dict:
+    """Inside the box branch: each proposal's FPN level and RoI features, the head's outputs, every
+    proposal refined for every class, the candidates of per-class NMS and the detections after it,
+    and where RoIAlign samples proposal `roi_index`."""
+    box_branch, proposals = model.box_branch, _proposals(seen)
+    if not 0 <= roi_index < max(len(proposals), 1):
+        raise ValueError(f"roi_index {roi_index} is outside the {len(proposals)} proposals")
+    _, image_sizes, _ = _transformed(seen)
+    rois = seen["box_pooler"][0][0][1]  # [R, 5], what the pooler received
+    pooler = box_branch.pooler
+    class_logits, box_deltas = seen["box_predictor"][0][1]
+    refined, class_scores = refine_boxes(class_logits, box_deltas, [proposals], image_sizes, box_branch.box_coder)
+    before_nms = detection_candidates(refined[0], class_scores[0], box_branch.score_thresh)
+    return dict(
         roi_levels=fpn_level(rois[:, 1:], pooler.levels[0], pooler.levels[-1]),
         box_roi_features=seen["box_pooler"][0][1],
         box_head_features=seen["box_head"][0][1],
@@ -276,9 +308,35 @@ def _inspect(model: nn.Module, image: Tensor, target: dict[str, Tensor] | None, 
         refined_boxes=refined[0],
         class_scores=class_scores[0],
         detections_before_nms=dict(zip(("boxes", "scores", "labels"), before_nms)),
-        detections_resized=detections_resized,
+        detections_resized=seen["box_branch"][0][1][0][0],
         sampling=sampling_points(pooler, proposals[roi_index] if len(proposals) else proposals.new_zeros(4)),
         roi_index=roi_index,
-        **mask,
-        detections=detections,
     )
+
+
+def inspect_mask_branch(model: nn.Module, seen: dict, seed: int) -> dict:
+    """Inside the mask branch: the detections' RoI features, K mask logits and own-class probabilities;
+    with a ground truth, the positive RoIs a training step would sample (seed `seed`) and their targets.
+    All None without a mask branch."""
+    mask_branch = model.mask_branch
+    mask = dict(mask_roi_features=None, mask_logits=None, mask_probabilities=None, mask_target_boxes=None,
+                mask_target_labels=None, mask_targets=None)  # fmt: skip
+    if mask_branch is None:
+        return mask
+    batch, _, resized_targets = _transformed(seen)
+    features, _ = _fpn_levels(model, seen)
+    detections_resized = seen["box_branch"][0][1][0][0]
+    mask_logits = seen["mask_predictor"][0][1]  # [D, K, M, M]
+    mask.update(mask_roi_features=seen["mask_pooler"][0][1], mask_logits=mask_logits,
+                mask_probabilities=mask_branch.predict(features[:4], [detections_resized])[0]["masks"])  # fmt: skip
+    if resized_targets is not None:  # the RoIs a training step would sample from these proposals
+        box_branch = model.box_branch
+        with torch.random.fork_rng(devices=[batch.device] if batch.is_cuda else []):
+            torch.manual_seed(seed)
+            training_rois = select_training_rois([_proposals(seen)], resized_targets, box_branch.matcher,
+                                                 box_branch.sampler, box_branch.box_coder)  # fmt: skip
+        boxes, matched_gt_index = mask_branch.positive_rois(training_rois)
+        labels = mask_branch.matched(resized_targets, "labels", matched_gt_index)
+        targets = mask_branch.mask_targets(resized_targets, boxes, matched_gt_index, mask_logits.shape[-1])
+        mask.update(mask_target_boxes=boxes[0], mask_target_labels=labels, mask_targets=targets)
+    return mask

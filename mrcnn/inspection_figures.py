@@ -1,4 +1,4 @@
-"""Figures of every stage of an `Inspection` (mrcnn/inspect.py), one call each.
+"""Figures of every stage of an `Inspection` (mrcnn/inspection.py), one call each.
 
 Each function takes the `Inspection` of one image (or the model, for the weights) and returns
 a `matplotlib.figure.Figure`, which a notebook displays: `proposals_figure(inspection)`.
@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, Rectangle
 from torch import nn
 
-from mrcnn.inspect import Inspection
+from mrcnn.inspection import Inspection, SamplingPoints
 from mrcnn.visualize import INSTANCE_COLOURS, draw_boxes, draw_detections, image_to_array
 
 LEVEL_COLOURS = {2: "tab:blue", 3: "tab:orange", 4: "tab:green", 5: "tab:red", 6: "tab:purple"}
@@ -61,6 +61,13 @@ def feature_maps_figure(inspection: Inspection) -> Figure:
     return figure
 
 
+def anchors_at(anchors: torch.Tensor, x: float, y: float) -> torch.Tensor:
+    """The anchors `[A, 4]` of the grid cell whose centre is nearest `(x, y)`, out of one level's `[H_l W_l A, 4]`."""
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2  # [H_l W_l A, 2]
+    distance = (centres - torch.tensor([x, y], dtype=centres.dtype, device=centres.device)).abs().sum(dim=1)
+    return anchors[distance <= distance.min() + 1e-3]  # the A anchors of the nearest cell share its centre
+
+
 def anchors_figure(inspection: Inspection, location: tuple[float, float] | None = None) -> Figure:
     """The A anchors of every level at the grid cell nearest `location` `(x, y)` (the image centre by default)."""
     figure, (panel,) = _panels(1, size=5)
@@ -68,10 +75,7 @@ def anchors_figure(inspection: Inspection, location: tuple[float, float] | None 
     height, width = inspection.padded_image.shape[1:]
     x, y = location if location is not None else (width / 2, height / 2)
     for name, anchors in inspection.anchors.items():
-        centres = (anchors[:, :2] + anchors[:, 2:]) / 2  # [H_l W_l A, 2]
-        distance = (centres - torch.tensor([x, y], dtype=centres.dtype, device=centres.device)).abs().sum(dim=1)
-        nearest = anchors[distance <= distance.min() + 1e-3]  # the A anchors of the nearest cell
-        draw_boxes(panel, nearest, LEVEL_COLOURS[int(name[1:])], 1.2)
+        draw_boxes(panel, anchors_at(anchors, x, y), LEVEL_COLOURS[int(name[1:])], 1.2)
         panel.plot([], [], color=LEVEL_COLOURS[int(name[1:])], label=f"{name}: {len(anchors)} anchors")
     panel.set_xlim(-0.5, width - 0.5)
     panel.set_ylim(height - 0.5, -0.5)
@@ -136,22 +140,53 @@ def sampling_figure(inspection: Inspection) -> Figure:
     """RoIAlign on one proposal: its level's feature map, the RoI, its P x P bins and the bilinear samples."""
     sampling = inspection.sampling
     feature = inspection.fpn_features[f"P{sampling.level}"].float().norm(dim=0).cpu()  # [H_l, W_l]
-    offset = 0.5 if sampling.aligned else 0.0
-    x1, y1, x2, y2 = (sampling.box.cpu() * sampling.spatial_scale - offset).tolist()  # in the map's pixels
+    box = roi_in_feature_map(sampling)
     figure, (panel,) = _panels(1, size=5)
     panel.imshow(feature.numpy(), cmap="gray")  # pixel (i, j) centred on (j, i): where bilinear reads F[i, j]
-    bins = len(sampling.y)
-    for p in range(bins + 1):  # the bin edges
-        panel.plot([x1, x2], [y1 + p * (y2 - y1) / bins] * 2, color="tab:orange", linewidth=0.6)
-        panel.plot([x1 + p * (x2 - x1) / bins] * 2, [y1, y2], color="tab:orange", linewidth=0.6)
-    y, x = torch.meshgrid(sampling.y.flatten().cpu(), sampling.x.flatten().cpu(), indexing="ij")
-    panel.scatter(x.flatten(), y.flatten(), s=6, color="cyan")
-    panel.set_title(f"proposal {inspection.roi_index} on P{sampling.level}: {bins}x{bins} bins, "
+    draw_bins(panel, box, len(sampling.y))
+    draw_sampling_points(panel, sampling)
+    panel.set_title(f"proposal {inspection.roi_index} on P{sampling.level}: {len(sampling.y)}x{len(sampling.y)} bins, "
                     f"{sampling.y.shape[1]}x{sampling.x.shape[1]} samples each", fontsize=9)  # fmt: skip
-    pad = 2
+    x1, y1, x2, y2 = box
+    pad = 2  # feature pixels around the RoI
     panel.set_xlim(max(x1 - pad, -0.5), min(x2 + pad, feature.shape[1] - 0.5))
     panel.set_ylim(min(y2 + pad, feature.shape[0] - 0.5), max(y1 - pad, -0.5))
     return figure
+
+
+def roi_in_feature_map(sampling: SamplingPoints) -> tuple[float, float, float, float]:
+    """The RoI `(x1, y1, x2, y2)` in the pixels of its level's map, as imshow places them (pixel centres on integers)."""
+    offset = 0.5 if sampling.aligned else 0.0  # the half-pixel shift of RoIAlign
+    x1, y1, x2, y2 = (sampling.box.cpu() * sampling.spatial_scale - offset).tolist()
+    return x1, y1, x2, y2
+
+
+def draw_bins(panel, box: tuple[float, float, float, float], bins: int, colour: str = "tab:orange") -> None:
+    """The `bins x bins` equal bins of `box`: `bins + 1` lines each way."""
+    x1, y1, x2, y2 = box
+    for p in range(bins + 1):
+        panel.plot([x1, x2], [y1 + p * (y2 - y1) / bins] * 2, color=colour, linewidth=0.6)
+        panel.plot([x1 + p * (x2 - x1) / bins] * 2, [y1, y2], color=colour, linewidth=0.6)
+
+
+def draw_sampling_points(panel, sampling: SamplingPoints, colour: str = "cyan") -> None:
+    """Every bilinear sample of the RoI: each row `y` of a bin row with each column `x` of a bin column."""
+    y, x = torch.meshgrid(sampling.y.flatten().cpu(), sampling.x.flatten().cpu(), indexing="ij")
+    panel.scatter(x.flatten(), y.flatten(), s=6, color=colour)
+
+
+def source_proposal(inspection: Inspection, box: torch.Tensor, label: int) -> int:
+    """The index of the proposal a detection came from: the one whose refinement for the class `label` is `box`."""
+    return int((inspection.refined_boxes[:, label] - box).abs().sum(dim=1).argmin())
+
+
+def draw_refinement(panel, proposal: list[float], box: list[float], colour) -> None:
+    """A proposal dashed, and an arrow from its centre to the centre of the `box` it is refined to."""
+    panel.add_patch(Rectangle(proposal[:2], proposal[2] - proposal[0], proposal[3] - proposal[1], fill=False,
+                              edgecolor=colour, linestyle="--", linewidth=0.8))  # fmt: skip
+    start = ((proposal[0] + proposal[2]) / 2, (proposal[1] + proposal[3]) / 2)
+    end = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+    panel.add_patch(FancyArrowPatch(start, end, arrowstyle="->", color=colour, mutation_scale=8))
 
 
 def box_refinement_figure(inspection: Inspection, count: int = 8, class_names=None) -> Figure:
@@ -159,18 +194,11 @@ def box_refinement_figure(inspection: Inspection, count: int = 8, class_names=No
     figure, (panel,) = _panels(1, size=5)
     _image(panel, inspection, "proposal (dashed) -> refined box of the detected class")
     boxes, labels = inspection.detections_resized["boxes"][:count], inspection.detections_resized["labels"][:count]
-    for index, (box, label) in enumerate(zip(boxes, labels)):
-        # the proposal this detection came from: the one whose refinement for its class is this box
-        source = int((inspection.refined_boxes[:, label] - box).abs().sum(dim=1).argmin())
-        proposal = inspection.proposals[source].tolist()
-        colour = INSTANCE_COLOURS[index % len(INSTANCE_COLOURS)]
-        panel.add_patch(Rectangle(proposal[:2], proposal[2] - proposal[0], proposal[3] - proposal[1], fill=False,
-                                  edgecolor=colour, linestyle="--", linewidth=0.8))  # fmt: skip
-        start = ((proposal[0] + proposal[2]) / 2, (proposal[1] + proposal[3]) / 2)
-        end = (float(box[0] + box[2]) / 2, float(box[1] + box[3]) / 2)
-        panel.add_patch(FancyArrowPatch(start, end, arrowstyle="->", color=colour, mutation_scale=8))
-    draw_boxes(panel, boxes, [INSTANCE_COLOURS[i % len(INSTANCE_COLOURS)] for i in range(len(boxes))], 1.4,
-               labels=[_class_name(class_names, int(k)) for k in labels])  # fmt: skip
+    colours = [INSTANCE_COLOURS[i % len(INSTANCE_COLOURS)] for i in range(len(boxes))]
+    for box, label, colour in zip(boxes, labels, colours):
+        proposal = inspection.proposals[source_proposal(inspection, box, int(label))]
+        draw_refinement(panel, proposal.tolist(), box.tolist(), colour)
+    draw_boxes(panel, boxes, colours, 1.4, labels=[_class_name(class_names, int(k)) for k in labels])
     return figure
 
 
