@@ -17,6 +17,16 @@ AP50 and AP75 are AP_t at one threshold; APs, APm, APl count only objects of are
 the same thresholds. Crowd regions are "ignore": a detection on one is neither right nor wrong.
 "bbox" compares boxes, "segm" the masks: the paper reports mask AP (Table 1-3) and box AP
 (Table 3). COCOeval computes all of it; this module turns the model's detections into its input.
+
+Keypoints (section 5, Table 4) are scored the same way with another similarity in place of the
+IoU: the object keypoint similarity of a detection d with a ground-truth object g of area s^2,
+over g's labelled keypoints (v_j > 0),
+
+    OKS(d, g) = sum_j exp(-|p_j^d - p_j^g|^2 / (2 s^2 k_j^2)) [v_j > 0] / sum_j [v_j > 0],   k_j = 2 sigma_j
+
+with a per-keypoint sigma sigma_j (COCO's for its 17 person keypoints, mrcnn/data/keypoints.py
+for the stick figures). AP averages precision over OKS thresholds 0.50:0.05:0.95, as AP does
+over IoU thresholds (`keypoint_metrics`, `evaluate_keypoints`).
 """
 
 from __future__ import annotations
@@ -36,8 +46,10 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from mrcnn.data.coco import CocoDataset, collate
+from mrcnn.data.keypoints import KeypointCocoDataset
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+KEYPOINT_METRIC_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 RESULT_KEY = {"bbox": "bbox", "segm": "segmentation"}  # which field of a result each IoU type reads
 
 
@@ -186,4 +198,54 @@ def evaluate(
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "detections.json").write_text(json.dumps(results))
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def keypoint_metrics(coco_gt: COCO, results: list[dict], sigmas, image_ids=None, verbose: bool = False) -> dict[str, float]:
+    """COCO's keypoint AP and AR (OKS, module docstring) of `results` against `coco_gt`.
+
+    results: COCO keypoint results, {"image_id", "category_id", "keypoints": [x, y, v] * J,
+    "score"}; sigmas: J floats. Returns {"AP", "AP50", "AP75", "APm", "APl", "AR", ...}.
+    """
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter):
+        coco_dt = coco_gt.loadRes([dict(r) for r in results]) if results else None
+        if coco_dt is None:
+            return {name: 0.0 for name in KEYPOINT_METRIC_NAMES}
+        evaluator = COCOeval(coco_gt, coco_dt, "keypoints")
+        evaluator.params.kpt_oks_sigmas = sigmas  # COCO's are for the 17 person keypoints
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(set(image_ids))
+        evaluator.evaluate()
+        evaluator.accumulate()
+    with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(chatter):
+        evaluator.summarize()
+    return {name: float(value) for name, value in zip(KEYPOINT_METRIC_NAMES, evaluator.stats)}
+
+
+def evaluate_keypoints(model: torch.nn.Module, dataset: KeypointCocoDataset, device="cpu", verbose: bool = False) -> dict:
+    """Run a Keypoint R-CNN over `dataset` and score it: {"bbox": ..., "segm": ... (with masks), "keypoints": ...}.
+
+    The score of a detection's keypoints is its box score, as torchvision's COCO evaluation does.
+    """
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate)
+    was_training = model.training
+    model.eval()
+    results, image_ids = [], []
+    try:
+        with torch.inference_mode():
+            for images, targets in loader:
+                detections = model([image.to(device) for image in images])
+                ids = [target["image_id"] for target in targets]
+                boxes_and_masks = detections_to_coco_results(detections, ids, dataset.label_to_category_id)
+                keypoints = torch.cat([d["keypoints"].detach().cpu().reshape(len(d["boxes"]), -1) for d in detections])
+                results += [{**r, "keypoints": k} for r, k in zip(boxes_and_masks, keypoints.tolist())]
+                image_ids += ids
+    finally:
+        model.train(was_training)
+    iou_types = ("bbox", "segm") if results and "segmentation" in results[0] else ("bbox",)
+    metrics = coco_evaluate(dataset.coco, results, iou_types, image_ids=image_ids, verbose=verbose)
+    keypoint_results = [{k: r[k] for k in ("image_id", "category_id", "keypoints", "score")} for r in results]
+    metrics["keypoints"] = keypoint_metrics(dataset.coco, keypoint_results, dataset.sigmas, image_ids, verbose)
     return metrics

@@ -3,6 +3,9 @@
 Ground truth: two 100 x 100 images, each with one 40 x 40 square of category 7 (area 1600:
 "medium"). A detection shifted right by dx pixels overlaps its square in (40 - dx) x 40 pixels,
 and the union is (40 + dx) x 40, so box IoU = mask IoU = (40 - dx) / (40 + dx).
+
+Keypoints: stick figures (mrcnn/data/keypoints.py) with their keypoints shifted by dx pixels,
+against the OKS of the module docstring computed here from its formula.
 """
 
 import json
@@ -14,7 +17,15 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from mrcnn.data import CocoDataset, generate_shapes
-from mrcnn.evaluate import METRIC_NAMES, coco_evaluate, detections_to_coco_results, evaluate
+from mrcnn.data.keypoints import KeypointCocoDataset, generate_figures
+from mrcnn.evaluate import (
+    METRIC_NAMES,
+    coco_evaluate,
+    detections_to_coco_results,
+    evaluate,
+    evaluate_keypoints,
+    keypoint_metrics,
+)
 
 SIZE, SIDE = 100, 40
 SQUARES = {1: (10, 20), 2: (30, 40)}  # image id -> (x, y) of the square's top-left corner
@@ -174,6 +185,8 @@ class GroundTruthModel(torch.nn.Module):
                 "scores": torch.linspace(1.0, 0.5, len(target["labels"])),
                 "masks": target["masks"][:, None].float(),
             }  # fmt: skip
+            if "keypoints" in target:  # a Keypoint R-CNN's detections also carry [D, J, 3] keypoints
+                self.answers[image.numpy().tobytes()]["keypoints"] = target["keypoints"]
         self.calls = 0
 
     def forward(self, images):
@@ -216,3 +229,64 @@ def test_evaluate_box_only_model_and_refusals(shapes_val):
         evaluate(BoxesOnly(shapes_val), CocoDataset(shapes_val.image_dir, shapes_val.annotation_file, train=True))
     with pytest.raises(ValueError, match="CocoDataset"):
         evaluate(BoxesOnly(shapes_val), [shapes_val[0]])
+
+
+# --- keypoints: OKS (section 5) ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def figures_root(tmp_path_factory):
+    return generate_figures(tmp_path_factory.mktemp("figures"), num_train=0, num_val=4, seed=5)
+
+
+def figures_val(root) -> KeypointCocoDataset:
+    return KeypointCocoDataset(root / "val", root / "annotations" / "person_keypoints_val.json")
+
+
+def shifted_keypoints(dataset: KeypointCocoDataset, dx: float) -> list[dict]:
+    """Every object's ground truth as a keypoint result, its labelled keypoints moved right by dx pixels."""
+    results = []
+    for annotation in dataset.coco.loadAnns(dataset.coco.getAnnIds()):
+        points = np.array(annotation["keypoints"], dtype=np.float64).reshape(-1, 3)
+        points[points[:, 2] > 0, 0] += dx
+        results.append({"image_id": annotation["image_id"], "category_id": 1, "keypoints": points.reshape(-1).tolist(),
+                        "score": 1.0})  # fmt: skip
+    return results
+
+
+def oks(annotation: dict, dx: float, sigmas) -> float:
+    """OKS of the annotation's keypoints moved by dx: mean over labelled j of exp(-dx^2 / (2 s^2 (2 sigma_j)^2))."""
+    labelled = np.array(annotation["keypoints"]).reshape(-1, 3)[:, 2] > 0
+    k = 2 * np.asarray(sigmas)[labelled]
+    return float(np.mean(np.exp(-(dx**2) / (2 * annotation["area"] * k**2))))
+
+
+@pytest.mark.parametrize("dx", [0.0, 1.5, 3.0, 6.0])
+def test_keypoint_ap_of_one_figure_counts_the_thresholds_its_oks_reaches(figures_root, dx):
+    """One object and one detection: AP_t is 1 when OKS >= t and 0 otherwise, so AP is the share of
+    the ten thresholds 0.50..0.95 that the OKS reaches."""
+    dataset = figures_val(figures_root)
+    image_id = next(i for i in dataset.image_ids if len(dataset.coco.getAnnIds(imgIds=[i])) == 1)
+    (annotation,) = dataset.coco.loadAnns(dataset.coco.getAnnIds(imgIds=[image_id]))
+    similarity = oks(annotation, dx, dataset.sigmas)
+    assert np.abs(similarity - THRESHOLDS).min() > 1e-6  # not on a threshold, where rounding would decide
+    results = [r for r in shifted_keypoints(dataset, dx) if r["image_id"] == image_id]
+    metrics = keypoint_metrics(dataset.coco, results, dataset.sigmas, image_ids=[image_id])
+    assert metrics["AP"] == pytest.approx(float(np.mean(similarity >= THRESHOLDS)))
+    assert metrics["AR"] == pytest.approx(float(np.mean(similarity >= THRESHOLDS)))
+
+
+def test_keypoint_ap_falls_with_the_error_and_is_zero_without_results(figures_root):
+    dataset = figures_val(figures_root)
+    aps = [keypoint_metrics(dataset.coco, shifted_keypoints(dataset, dx), dataset.sigmas)["AP"] for dx in (0.0, 2.0, 5.0)]
+    assert aps[0] == pytest.approx(1.0) and aps[0] > aps[1] > aps[2]
+    assert keypoint_metrics(dataset.coco, [], dataset.sigmas)["AP"] == 0
+
+
+def test_evaluate_keypoints_runs_a_model_and_scores_boxes_masks_and_keypoints(figures_root):
+    dataset = figures_val(figures_root)
+    model = GroundTruthModel(dataset).train()
+    metrics = evaluate_keypoints(model, dataset)
+    assert model.training  # mode restored
+    assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)
+    assert metrics["keypoints"]["AP"] == pytest.approx(1.0)

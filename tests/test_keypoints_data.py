@@ -1,4 +1,5 @@
-"""The stick-figure keypoint data set, its COCO files and reader, flipping, and OKS evaluation (mrcnn/data/keypoints.py)."""
+"""The stick-figure keypoint data set, its COCO files and reader (mrcnn/data/keypoints.py), and flipping its
+keypoints (mrcnn/data/flip.py). Their OKS evaluation is tested in tests/test_evaluate.py."""
 
 import json
 
@@ -7,17 +8,14 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
+from mrcnn.data.flip import flip_index, flip_keypoints
 from mrcnn.data.keypoints import (
     FLIP_INDEX,
     KEYPOINT_NAMES,
     SIGMAS,
     FiguresDataset,
     KeypointCocoDataset,
-    evaluate_keypoints,
-    flip_index,
-    flip_keypoints,
     generate_figures,
-    keypoint_metrics,
     render_figures,
 )
 
@@ -122,44 +120,3 @@ def test_reader_rejects_files_without_keypoint_names(figures_root, tmp_path):
     broken.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="keypoints"):
         KeypointCocoDataset(figures_root / "val", broken)
-
-
-def ground_truth_results(dataset: KeypointCocoDataset) -> list[dict]:
-    annotations = dataset.coco.loadAnns(dataset.coco.getAnnIds())
-    return [{"image_id": a["image_id"], "category_id": 1, "keypoints": a["keypoints"], "score": 1.0} for a in annotations]
-
-
-def test_oks_ap_is_one_for_the_ground_truth_and_falls_with_the_error(figures_root):
-    dataset = KeypointCocoDataset(figures_root / "val", figures_root / "annotations" / "person_keypoints_val.json")
-    results = ground_truth_results(dataset)
-    assert keypoint_metrics(dataset.coco, results, dataset.sigmas)["AP"] == pytest.approx(1.0)
-    generator = np.random.default_rng(0)
-    shifted = []
-    for result in results:
-        points = np.array(result["keypoints"], dtype=np.float64).reshape(-1, 3)
-        points[:, :2] += generator.normal(0, 2.0, size=(len(points), 2))  # two pixels of error
-        shifted.append({**result, "keypoints": points.reshape(-1).tolist()})
-    ap = keypoint_metrics(dataset.coco, shifted, dataset.sigmas)["AP"]
-    assert 0 < ap < 0.9
-    assert keypoint_metrics(dataset.coco, [], dataset.sigmas)["AP"] == 0
-
-
-class GroundTruthModel(torch.nn.Module):
-    """Returns each image's ground truth as detections (the data set is read in order, one image a batch)."""
-
-    def __init__(self, dataset):
-        super().__init__()
-        self.targets = iter([dataset[i][1] for i in range(len(dataset))])
-
-    def forward(self, images):
-        target = next(self.targets)
-        count = len(target["boxes"])
-        return [{"boxes": target["boxes"], "labels": target["labels"], "scores": torch.ones(count),
-                 "masks": target["masks"][:, None].float(), "keypoints": target["keypoints"]}]  # fmt: skip
-
-
-def test_evaluate_keypoints_runs_a_model_and_scores_boxes_masks_and_keypoints(figures_root):
-    dataset = KeypointCocoDataset(figures_root / "val", figures_root / "annotations" / "person_keypoints_val.json")
-    metrics = evaluate_keypoints(GroundTruthModel(dataset), dataset)
-    assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)
-    assert metrics["keypoints"]["AP"] == pytest.approx(1.0)

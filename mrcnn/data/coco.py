@@ -41,6 +41,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from mrcnn.data.flip import horizontal_flip
+from mrcnn.data.images import image_to_tensor
+
 
 class DatasetError(ValueError):
     """A data set file that cannot be used; the message names the file and the entry."""
@@ -305,21 +308,6 @@ def coco2017(root: str | os.PathLike, split: str = "val", **options) -> CocoData
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     root = Path(root)
     return CocoDataset(root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json", **options)
-
-
-def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 [H, W, 3] -> float32 [3, H, W] in [0, 1] (in numpy: one thread, no pool start-up)."""
-    channels_first = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)  # [3, H, W]
-    return torch.from_numpy(np.divide(channels_first, 255, out=channels_first))
-
-
-def horizontal_flip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
-    """Mirror an image float [3, H, W] and its target: x -> W - x for boxes, columns for masks."""
-    width = image.shape[-1]
-    boxes = target["boxes"].clone()
-    boxes[:, 0] = width - target["boxes"][:, 2]  # the right edge becomes the left one
-    boxes[:, 2] = width - target["boxes"][:, 0]
-    return image.flip(-1), {**target, "boxes": boxes, "masks": target["masks"].flip(-1)}
 
 
 def collate(batch: list) -> tuple[list, list]:

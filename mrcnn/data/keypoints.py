@@ -1,24 +1,21 @@
-r"""Keypoints in COCO format: a synthetic data set of stick figures, its reader, and OKS evaluation (paper section 5).
+r"""Keypoints in COCO format: a synthetic data set of stick figures and its reader (paper section 5).
 
 **The figures.** COCO's person keypoints take GPUs and days; these stick figures take seconds.
 Each has J = 11 keypoints (head, neck, elbows, hands, pelvis, knees, feet), joined by thick
 limbs in one colour, in a random pose: arms raised or lowered, elbows and knees bent, the body
 tilted by up to 20 degrees, 40 to 90 pixels tall, on the textured backgrounds of
 mrcnn/data/shapes.py. "Left" is the figure's own left, drawn on the left of the picture as for a
-person facing the camera; flipping an image swaps left and right (`FLIP_INDEX`).
+person facing the camera; flipping an image swaps left and right (`FLIP_INDEX`, from
+mrcnn/data/flip.py).
 
 **Visibility**, as COCO: v = 2 visible, v = 1 labelled but hidden (here: covered by a figure
 painted later), v = 0 not labelled (here: outside the image; stored as x = y = 0). Figures are
 painted in order and a new one is only accepted where every earlier one keeps half of its area
 visible, as in the shapes. Box and mask are those of the visible pixels, as COCO's.
 
-**Evaluation** (`keypoint_metrics`). COCO scores keypoints by the object keypoint similarity of
-a detection d with a ground-truth object g of area s^2, over its labelled keypoints (v_j > 0):
-
-    OKS(d, g) = sum_j exp(-|p_j^d - p_j^g|^2 / (2 s^2 k_j^2)) [v_j > 0] / sum_j [v_j > 0],   k_j = 2 sigma_j
-
-and AP averages precision over OKS thresholds 0.50:0.05:0.95, as AP does over IoU thresholds.
-The per-keypoint sigmas of the figures are COCO's for the matching joint (`SIGMAS`).
+**Sigmas.** COCO scores keypoints by the object keypoint similarity (OKS, mrcnn/evaluate.py),
+which weighs each keypoint's error by a per-keypoint sigma. The figures' sigmas are COCO's for
+the matching joint (`SIGMAS`); `COCO_PERSON_SIGMAS` are those of COCO's 17 person keypoints.
 
 Determinism: image `index` of `split` with `seed` draws from `default_rng((seed, split_number,
 index))`, as the shapes do. Shapes: H x W image, G figures, J keypoints.
@@ -27,8 +24,6 @@ index))`, as the shapes do. Shapes: H x W image, G figures, J keypoints.
 from __future__ import annotations
 
 import colorsys
-import contextlib
-import io
 import json
 import os
 from pathlib import Path
@@ -37,9 +32,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
-from pycocotools.cocoeval import COCOeval
 
-from mrcnn.data.coco import CocoDataset, DatasetError, collate, image_to_tensor
+from mrcnn.data.coco import CocoDataset, DatasetError
+from mrcnn.data.flip import flip_index
+from mrcnn.data.images import image_to_tensor
 from mrcnn.data.shapes import SPLITS, _background, _check_size, masks_to_boxes
 
 KEYPOINT_NAMES = ("head", "neck", "left_elbow", "right_elbow", "left_hand", "right_hand",
@@ -49,26 +45,7 @@ SKELETON = ((1, 2), (2, 3), (2, 4), (3, 5), (4, 6), (2, 7), (7, 8), (7, 9), (8, 
 SIGMAS = (0.079, 0.079, 0.072, 0.072, 0.062, 0.062, 0.107, 0.087, 0.087, 0.089, 0.089)
 COCO_PERSON_SIGMAS = (0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 0.072, 0.062, 0.062,
                       0.107, 0.107, 0.087, 0.087, 0.089, 0.089)  # fmt: skip
-KEYPOINT_METRIC_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
-
-
-def flip_index(names: tuple[str, ...] | list[str]) -> list[int]:
-    """Where each keypoint goes when the image is mirrored: `left_*` <-> `right_*`, the others stay."""
-    swapped = [n.replace("left", "\0").replace("right", "left").replace("\0", "right") for n in names]
-    return [list(names).index(n) if n in names else i for i, n in enumerate(swapped)]
-
-
 FLIP_INDEX = tuple(flip_index(KEYPOINT_NAMES))
-
-
-def flip_keypoints(keypoints: torch.Tensor, width: int, index: list[int] | tuple[int, ...]) -> torch.Tensor:
-    """Mirror keypoints float `[G, J, 3]` in an image of `width`: x -> W - x, then left and right swap.
-
-    `mrcnn.data.coco.horizontal_flip` mirrors boxes and masks; keypoints need this too.
-    """
-    flipped = keypoints[:, list(index)].clone()  # [G, J, 3]
-    flipped[..., 0] = torch.where(flipped[..., 2] > 0, width - flipped[..., 0], flipped[..., 0])
-    return flipped
 
 
 def _pose(rng: np.random.Generator, height: float) -> np.ndarray:
@@ -231,7 +208,7 @@ class KeypointCocoDataset(CocoDataset):
     Every category must name the same J keypoints. Attributes: `keypoint_names`, `skeleton`,
     `flip_index` and `sigmas` (from the argument, the category's "sigmas", or COCO's for its 17
     person keypoints). Flipping needs the keypoints permuted, which `CocoDataset`'s flip does not
-    do: build it with `train=False` and flip with `flip_keypoints`.
+    do: build it with `train=False` and flip with `mrcnn.data.flip.flip_keypoints`.
     """
 
     def __init__(self, image_dir, annotation_file, sigmas: tuple[float, ...] | None = None, **options):
@@ -279,55 +256,3 @@ class KeypointCocoDataset(CocoDataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         image, target = super().__getitem__(index)
         return image, {**target, "keypoints": torch.from_numpy(self.keypoints[target["image_id"]].copy())}
-
-
-def keypoint_metrics(coco_gt, results: list[dict], sigmas, image_ids=None, verbose: bool = False) -> dict[str, float]:
-    """COCO's keypoint AP and AR (OKS, module docstring) of `results` against `coco_gt`.
-
-    results: COCO keypoint results, {"image_id", "category_id", "keypoints": [x, y, v] * J,
-    "score"}; sigmas: J floats. Returns {"AP", "AP50", "AP75", "APm", "APl", "AR", ...}.
-    """
-    sigmas = np.asarray(sigmas, dtype=np.float64)
-    chatter = io.StringIO()
-    with contextlib.redirect_stdout(chatter):
-        coco_dt = coco_gt.loadRes([dict(r) for r in results]) if results else None
-        if coco_dt is None:
-            return {name: 0.0 for name in KEYPOINT_METRIC_NAMES}
-        evaluator = COCOeval(coco_gt, coco_dt, "keypoints")
-        evaluator.params.kpt_oks_sigmas = sigmas  # COCO's are for the 17 person keypoints
-        if image_ids is not None:
-            evaluator.params.imgIds = sorted(set(image_ids))
-        evaluator.evaluate()
-        evaluator.accumulate()
-    with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(chatter):
-        evaluator.summarize()
-    return {name: float(value) for name, value in zip(KEYPOINT_METRIC_NAMES, evaluator.stats)}
-
-
-def evaluate_keypoints(model: torch.nn.Module, dataset: KeypointCocoDataset, device="cpu", verbose: bool = False) -> dict:
-    """Run a Keypoint R-CNN over `dataset` and score it: {"bbox": ..., "segm": ... (with masks), "keypoints": ...}.
-
-    The score of a detection's keypoints is its box score, as torchvision's COCO evaluation does.
-    """
-    from mrcnn.evaluate import coco_evaluate, detections_to_coco_results  # mrcnn.evaluate imports the data package
-
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate)
-    was_training = model.training
-    model.eval()
-    results, image_ids = [], []
-    try:
-        with torch.inference_mode():
-            for images, targets in loader:
-                detections = model([image.to(device) for image in images])
-                ids = [target["image_id"] for target in targets]
-                boxes_and_masks = detections_to_coco_results(detections, ids, dataset.label_to_category_id)
-                keypoints = torch.cat([d["keypoints"].detach().cpu().reshape(len(d["boxes"]), -1) for d in detections])
-                results += [{**r, "keypoints": k} for r, k in zip(boxes_and_masks, keypoints.tolist())]
-                image_ids += ids
-    finally:
-        model.train(was_training)
-    iou_types = ("bbox", "segm") if results and "segmentation" in results[0] else ("bbox",)
-    metrics = coco_evaluate(dataset.coco, results, iou_types, image_ids=image_ids, verbose=verbose)
-    keypoint_results = [{k: r[k] for k in ("image_id", "category_id", "keypoints", "score")} for r in results]
-    metrics["keypoints"] = keypoint_metrics(dataset.coco, keypoint_results, dataset.sigmas, image_ids, verbose)
-    return metrics

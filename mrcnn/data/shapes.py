@@ -42,7 +42,7 @@ import torch
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from mrcnn.data.coco import image_to_tensor
+from mrcnn.data.images import image_to_tensor
 
 CATEGORY_NAMES = ("circle", "square", "triangle", "star")
 SPLITS = ("train", "val")  # the position is the split's number in the random seed
