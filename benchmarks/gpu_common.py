@@ -15,6 +15,10 @@
 - `--dry-run` runs every step on the CPU with tiny sizes; the Triton kernels then run under
   Triton's interpreter, which must be switched on before they are imported: importing this
   module with `--dry-run` among the arguments switches it on.
+
+The step scripts import the library inside the measurement that needs it: on a first run a
+broken import (a module renamed, an optional package missing) then costs that measurement,
+recorded as its error, and not the whole step.
 """
 
 from __future__ import annotations

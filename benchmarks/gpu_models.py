@@ -30,6 +30,7 @@ benchmark_images`). Where pycocotools is missing, `mrcnn.data.shapes` does not i
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -41,7 +42,7 @@ import torch  # noqa: E402
 SEED = 0
 SIZES = {  # (height, width), batches, repeats
     "gpu": {"training": ((800, 1344), (2, 8), {2: 5, 8: 3}), "inference": ((800, 1066), (1,), {1: 10})},
-    "dry": {"training": ((48, 64), (1,), {1: 1}), "inference": ((48, 64), (1,), {1: 1})},
+    "dry": {"training": ((48, 64), (1,), {1: 0}), "inference": ((48, 64), (1,), {1: 0})},  # 0: the first call's time only
 }
 DTYPES = ("fp32", "bf16")
 
@@ -118,11 +119,13 @@ def measure(results: Results, key: str, steps: dict, repeats: int, device: str, 
     def run():
         found = {}
         for name, step in steps.items():
-            value = {}
+            value, start = {}, time.perf_counter()
             found[name] = peak_memory(lambda step=step, value=value: value.setdefault("first", step()), device)
-            found[name]["first_call"] = value["first"]
             synchronize(device)
-        timings = interleaved(steps, repeats, warmup=0, device=device)
+            found[name] |= {"first_call": value["first"], "first_call_s": time.perf_counter() - start}
+        timings = interleaved(steps, repeats, warmup=0, device=device) if repeats else {
+            name: {"times_s": [found[name]["first_call_s"]], "median_s": found[name]["first_call_s"], "best_s": found[name]["first_call_s"]}
+            for name in steps}  # fmt: skip
         for name, timing in timings.items():
             found[name] |= timing | {"images_per_s": images / timing["median_s"]}
         return found
@@ -156,16 +159,15 @@ def inference(results: Results, device: str, dry_run: bool) -> None:
     images = [image.to(device) for image in images]
     outputs = {}
     for dtype in DTYPES:
-        def step(model, dtype=dtype):
+        def step(name, model, dtype=dtype):
             def call():
                 with torch.no_grad(), autocast(device, dtype):
                     detections = model(images)
-                outputs[(model_name[id(model)], dtype)] = detections
+                outputs[(name, dtype)] = detections
                 return {"detections": [len(d["boxes"]) for d in detections]}
             return call
 
-        model_name = {id(model): name for name, model in pair.items()}
-        measure(results, f"inference | batch 1 | {dtype}", {name: step(model) for name, model in pair.items()}, repeats[1], device, 1)
+        measure(results, f"inference | batch 1 | {dtype}", {name: step(name, model) for name, model in pair.items()}, repeats[1], device, 1)
     if "torchvision" in pair:
         def agreement():
             from benchmarks.inference import compare_detections

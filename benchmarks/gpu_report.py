@@ -101,15 +101,16 @@ def models_section(data: dict, title: str, per: str) -> list[str]:
     lines = ["", title, "", f"Preset {data.get('preset')}; images {data.get('images')}; models {data.get('models')}."]
     if data.get("setup_error"):
         lines.append(f"- set-up failed: `{data['setup_error']}`")
-    lines += ["", f"| case | model | s per {per}, median (best) | images/s | peak MiB | first call |", "|---|---|---|---|---|---|"]
+    lines += ["", f"| case | model | s per {per}, median (best) | images/s | peak MiB | first call s (compiles) | first call |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for key, value in results.items():
         for model, found in value.items():
             if isinstance(found, dict) and "median_s" in found:
                 first = ", ".join(f"{k} {number(v, 4)}" for k, v in found["first_call"].items())
                 lines.append(f"| {cell(key)} | {model} | {found['median_s']:.4f} ({found['best_s']:.4f}) | {found['images_per_s']:.2f} "
-                             f"| {number(found['peak_mib'])} | {first} |")  # fmt: skip
+                             f"| {number(found['peak_mib'])} | {found['first_call_s']:.2f} | {first} |")  # fmt: skip
         if "ours" in value and "torchvision" in value and "median_s" in value["ours"] and "median_s" in value["torchvision"]:
-            lines.append(f"| {cell(key)} | ours / torchvision | {value['ours']['median_s'] / value['torchvision']['median_s']:.2f}x | | | |")
+            lines.append(f"| {cell(key)} | ours / torchvision | {value['ours']['median_s'] / value['torchvision']['median_s']:.2f}x | | | | |")
     agreement = results.get("inference | agreement with torchvision")
     if agreement and "error" not in agreement:
         lines += [f"- agreement {dtype}: {number(v) if not isinstance(v, dict) else v}" for dtype, v in agreement.items() if dtype != "wall_s"]

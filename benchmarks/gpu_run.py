@@ -37,6 +37,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if "--dry-run" in sys.argv:  # before torch and the kernels are imported
     os.environ["TRITON_INTERPRET"] = "1"
 
-from benchmarks.gpu_common import ROOT, machine, nvidia_smi, run_command  # noqa: E402, I001
+from benchmarks.gpu_common import ROOT, error_record, machine, nvidia_smi, run_command  # noqa: E402, I001
 from benchmarks.gpu_report import render  # noqa: E402
 
 RESERVE_S = 15  # kept back at the end: the summary, and the margin under the call's own limit
@@ -55,17 +56,18 @@ RESERVE_S = 15  # kept back at the end: the summary, and the margin under the ca
 class Step:
     name: str
     what: str
-    arguments: tuple[str, ...]  # after `python`; "{seconds}" becomes the step's timeout less a margin
+    arguments: tuple[str, ...]  # after `python`; "{seconds}" becomes the step's timeout less `margin_s`
     cap_s: int  # the step's timeout at most
     minimum_s: int  # below this much time left, the step is skipped
+    margin_s: int = 0  # what the step keeps back from "{seconds}": the tests' determinism check, the shapes' start-up
 
 
 STEPS = (
-    Step("tests", "(a) kernel tests on CUDA; deterministic backward twice", ("benchmarks/gpu_tests.py", "--pytest-seconds", "{seconds}"), 150, 40),
+    Step("tests", "(a) kernel tests on CUDA; deterministic backward twice", ("benchmarks/gpu_tests.py", "--pytest-seconds", "{seconds}"), 140, 40, 45),
     Step("kernels", "(b) RoIAlign and mask loss against torchvision", ("benchmarks/gpu_kernels.py",), 75, 30),
     Step("training", "(c) training iteration, ours and torchvision's", ("benchmarks/gpu_models.py", "training"), 100, 40),
     Step("inference", "(d) inference latency, batch 1", ("benchmarks/gpu_models.py", "inference"), 40, 20),
-    Step("shapes", "(e) two-minute shapes training and its AP", ("benchmarks/gpu_shapes.py", "--seconds", "{seconds}"), 210, 80),
+    Step("shapes", "(e) two-minute shapes training and its AP", ("benchmarks/gpu_shapes.py", "--seconds", "{seconds}"), 210, 80, 15),
 )
 
 
@@ -111,15 +113,23 @@ def main(argv=None) -> int:
     output_dir = args.output_dir or (Path(tempfile.mkdtemp(prefix="gpu_dry_run_")) if args.dry_run else ROOT / "benchmarks" / "results")
     output_dir.mkdir(parents=True, exist_ok=True)
     budget = args.budget or (900 if args.dry_run else 450)
-    scale = 2 if args.dry_run else 1  # a shared CPU is slower than it should be: more room before a timeout
-    start = time.perf_counter()
     cache = Path(os.environ.get("TRITON_CACHE_DIR") or tempfile.mkdtemp(prefix="triton_cache_"))
     env = environment(args.dry_run, cache)
-    device_args = ["--dry-run"] if args.dry_run else []
 
-    log = (output_dir / "gpu_cuda.log").open("w")
-    sys.stdout = Tee(sys.__stdout__, log)
-    sys.stderr = Tee(sys.__stderr__, log)
+    previous = sys.stdout, sys.stderr
+    with (output_dir / "gpu_cuda.log").open("w") as log:
+        sys.stdout, sys.stderr = Tee(previous[0], log), Tee(previous[1], log)
+        try:
+            return run_steps(args, output_dir, budget, env)
+        finally:
+            sys.stdout, sys.stderr = previous
+
+
+def run_steps(args, output_dir: Path, budget: float, env: dict) -> int:
+    """Each step within its timeout and the budget, then the summary and the page (module docstring)."""
+    start = time.perf_counter()
+    scale = 2 if args.dry_run else 1  # a shared CPU is slower than it should be: more room before a timeout
+    device_args = ["--dry-run"] if args.dry_run else []
     print(f"prepared GPU run{' (dry run)' if args.dry_run else ''}: output {output_dir}, budget {budget:.0f} s, "
           f"TRITON_CACHE_DIR {env['TRITON_CACHE_DIR']}")  # fmt: skip
     if not args.dry_run:
@@ -140,7 +150,7 @@ def main(argv=None) -> int:
             print(f"=== {step.name}: {status['status']}")
         else:
             print(f"\n=== {step.name}: {step.what} (timeout {timeout:.0f} s, {left:.0f} s left of the budget)")
-            arguments = [a.replace("{seconds}", str(int(timeout - 30))) for a in step.arguments]
+            arguments = [a.replace("{seconds}", str(int(timeout - step.margin_s))) for a in step.arguments]
             command = [sys.executable, *arguments, "--output-dir", str(output_dir), *device_args]
             run = run_command(command, timeout, env=env)
             status |= {"command": " ".join(["python", *arguments, *device_args]), "rc": run["rc"], "seconds": run["seconds"],
@@ -149,11 +159,17 @@ def main(argv=None) -> int:
         record["steps"][step.name] = status
         summary.write_text(json.dumps(record, indent=2) + "\n")
 
-    record["machine"] = machine("cpu" if args.dry_run else "cuda")
+    try:
+        record["machine"] = machine("cpu" if args.dry_run else "cuda")
+    except Exception as error:  # noqa: BLE001 - a broken CUDA must not cost the summary
+        record["machine"] = error_record(error)
     record["nvidia_smi_after"] = nvidia_smi("memory.used,clocks.sm,temperature.gpu,utilization.gpu")
     record["seconds"] = round(time.perf_counter() - start, 1)
     summary.write_text(json.dumps(record, indent=2) + "\n")
-    page = render(output_dir)
+    try:
+        page = render(output_dir)
+    except Exception:  # noqa: BLE001 - the JSON files hold everything; say why the page is short
+        page = "# Prepared GPU run\n\nThe page could not be rendered (the JSON files hold the results):\n\n```\n" + traceback.format_exc() + "```\n"
     (output_dir / "gpu_cuda.md").write_text(page)
     print("\n" + page)
     print(f"results in {output_dir}: " + ", ".join(sorted(p.name for p in output_dir.glob("gpu_*"))))

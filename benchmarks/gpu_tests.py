@@ -124,7 +124,8 @@ def same_bits(results: Results, device: str, sizes: dict) -> None:
                     leaves = [f.detach().clone().requires_grad_() for f in features]
                     with deterministic(on):
                         out = pool(leaves, rois)
-                        timing = time_ms(lambda: torch.autograd.grad(out, leaves, grad_output, retain_graph=True), device, sizes["repeats"])
+                        timing = time_ms(lambda: torch.autograd.grad(out, leaves, grad_output, retain_graph=True), device, sizes["repeats"],
+                                         sizes["warmup"])  # fmt: skip
                     found[mode] = {
                         "two_runs_same_bits": all(torch.equal(a, b) for a, b in zip(first, second)),
                         "two_runs_max_abs_difference": max(float((a.float() - b.float()).abs().max()) for a, b in zip(first, second)),
