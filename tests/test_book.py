@@ -22,7 +22,13 @@ import time
 from html.parser import HTMLParser
 from pathlib import Path
 
+import jupytext
 import pytest
+import yaml
+from jupyter_client.kernelspec import KernelSpecManager
+from mkdocs.config import load_config
+from mkdocs.structure.files import File, Files, get_files, set_exclusions
+from nbclient.exceptions import CellExecutionError
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
@@ -78,8 +84,6 @@ def _load_book_hooks():
 
 
 def _yaml_load(path: Path) -> dict:
-    import yaml
-
     class Loader(yaml.SafeLoader):
         """Ignores tags such as !!python/name:... that mkdocs.yml may hold."""
 
@@ -121,8 +125,6 @@ def test_chapter_files_have_the_planned_names():
 
 def test_the_helper_module_is_not_a_page(mkdocs_config):
     """mkdocs-jupyter makes every `*.py` of book/ a page; mkdocs.yml's exclude_docs leaves the helpers out."""
-    from mkdocs.structure.files import get_files, set_exclusions
-
     files = get_files(mkdocs_config)
     files = mkdocs_config.plugins[JUPYTER_PLUGIN_NAME].on_files(files, config=mkdocs_config) or files  # as the build
     set_exclusions(files, mkdocs_config)
@@ -195,8 +197,6 @@ def test_index_links_every_present_chapter_and_maps_every_section():
 
 
 def _cells(chapter: str):
-    import jupytext
-
     return jupytext.read(BOOK / chapter).cells
 
 
@@ -221,8 +221,6 @@ def test_chapter_follows_the_house_plan(chapter):
 
 def test_links_between_chapters_point_at_pages_not_sources(mkdocs_config, caplog):
     """nbconvert leaves `[x](03_3_roi_align.py)` as it is; the hook makes it the chapter's page URL."""
-    from mkdocs.structure.files import File, Files
-
     hooks = _load_book_hooks()
     names = ["index.md", "01_introduction.py", "03_3_roi_align.py", "api/mrcnn.md"]
     files = Files([File(name, str(BOOK), mkdocs_config.site_dir, True) for name in names])
@@ -238,8 +236,6 @@ def test_links_between_chapters_point_at_pages_not_sources(mkdocs_config, caplog
 
 def test_notebook_kernel_is_this_python():
     """`python3`, the kernel the chapters name, starts this very interpreter (the project's venv)."""
-    from jupyter_client.kernelspec import KernelSpecManager
-
     argv0 = KernelSpecManager().get_kernel_spec("python3").argv[0]
     # jupyter_client starts sys.executable for the bare names; anything else must be this Python.
     assert argv0 in {"python", "python3", f"python{sys.version_info[0]}.{sys.version_info[1]}"} or Path(argv0).resolve() == Path(sys.executable).resolve()
@@ -251,8 +247,6 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 @pytest.fixture(scope="module")
 def mkdocs_config():
-    from mkdocs.config import load_config
-
     return load_config(str(ROOT / "mkdocs.yml"))
 
 
@@ -308,8 +302,6 @@ def test_output_text_reads_outputs_only():
 @pytest.mark.parametrize("chapter", PRESENT)
 def test_chapter_runs(chapter, mkdocs_config, monkeypatch, tmp_path_factory, tmp_path):
     """The chapter runs top to bottom in book/, without an error and with every file it reads, and draws a figure."""
-    from nbclient.exceptions import CellExecutionError
-
     hooks = _load_book_hooks()
     monkeypatch.chdir(tmp_path)  # anywhere: the chapter runs in book/ all the same, as in Jupyter
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as for `make book-build`: a chapter sets what it needs

@@ -40,7 +40,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import jupytext
+import nbformat
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
@@ -56,8 +59,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(BUILD_TIMEOUT_S + 300)]
 
 
 def _yaml_loader():
-    import yaml
-
     class Loader(yaml.SafeLoader):
         """mkdocs.yml may hold tags such as !!python/name:...; their values are not needed here."""
 
@@ -67,8 +68,6 @@ def _yaml_loader():
 
 
 def load_mkdocs_yml() -> dict:
-    import yaml
-
     return yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=_yaml_loader())
 
 
@@ -105,8 +104,6 @@ def _source_has_math(source: str) -> bool | None:
     """Whether a page's source carries math; None when it cannot tell (generated API pages)."""
     path = BOOK / source
     if source.endswith(".py"):
-        import jupytext
-
         cells = jupytext.read(path).cells
         return any(cell.cell_type == "markdown" and "$" in cell.source for cell in cells)
     text = path.read_text()
@@ -153,7 +150,7 @@ def install_chromium() -> str:
 
 def _above_4(fd: int) -> int:
     """The same pipe end on a descriptor above 4, so that moving the child's ends onto 3 and 4 cannot clash."""
-    import fcntl
+    import fcntl  # POSIX only (the pipe to Chromium): this module must still import where it is missing
 
     moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
     os.close(fd)
@@ -537,9 +534,6 @@ def test_page_renders(page, server, browser):
 
 @pytest.mark.skipif(not any(p[1].endswith(".py") for p in PAGES), reason="no chapter in the nav yet")
 def test_chapter_downloads(server):
-    import jupytext
-    import nbformat
-
     for _, source in [p for p in PAGES if p[1].endswith(".py")]:
         base = server + page_url(source) + Path(source).stem
         with urllib.request.urlopen(base + ".py") as response:

@@ -44,6 +44,10 @@ import re
 import shutil
 from pathlib import Path
 
+import jupytext
+from mkdocs.structure.files import File, Files
+from mkdocs.structure.pages import Page
+
 log = logging.getLogger("mkdocs.hooks.book")
 
 CACHE_ENV = "MRCNN_BOOK_CACHE"
@@ -179,8 +183,6 @@ def on_page_content(html, page, config, files):
 
 def on_post_page(output, page, config):
     if _is_chapter(page):
-        import jupytext
-
         notebook = jupytext.read(page.file.abs_src_path)
         notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         target = Path(page.file.abs_dest_path).parent / f"{Path(page.file.src_uri).stem}.ipynb"
@@ -196,9 +198,6 @@ def execute_chapter(chapter: Path, config) -> str:
     Uses mkdocs-jupyter's own page hooks, so the result lands in the same cache the build reads.
     Raises nbclient's `CellExecutionError` (with the cell and the traceback) if a cell fails.
     """
-    from mkdocs.structure.files import File, Files
-    from mkdocs.structure.pages import Page
-
     configure_cache(config)
     plugin = config.plugins[JUPYTER_PLUGIN]
     if hasattr(plugin, "on_pre_build"):  # mkdocs-jupyter versions with a cache keep its bookkeeping there
