@@ -49,6 +49,7 @@ class AnchorGenerator(nn.Module):
 
     The anchors depend only on the padded image size and the feature map sizes, so the result
     is cached per (sizes, device, dtype); the returned tensors are shared: do not modify them.
+    Traced code (`torch.compile`, `torch.export`) computes them in the graph instead.
     """
 
     def __init__(
@@ -83,13 +84,28 @@ class AnchorGenerator(nn.Module):
         """
         if len(feature_sizes) != len(self.cell_anchors):
             raise ValueError(f"{len(self.cell_anchors)} levels of anchors but {len(feature_sizes)} feature maps")
+        if torch.compiler.is_compiling():  # traced (torch.compile, export): the anchors are part of the graph
+            return self.grid_anchors(image_size_padded, feature_sizes, device, dtype)
         height, width = int(image_size_padded[0]), int(image_size_padded[1])
         feature_sizes = [(int(h), int(w)) for h, w in feature_sizes]
         key = (height, width, tuple(feature_sizes), torch.device(device), dtype)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
+        anchors = self.grid_anchors((height, width), feature_sizes, device, dtype)
+        self._cache[key] = anchors
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)  # forget the least recently used image size
+        return anchors
 
+    def grid_anchors(
+        self, image_size_padded: tuple[int, int], feature_sizes: list[tuple[int, int]], device: torch.device | str, dtype: torch.dtype
+    ) -> list[Tensor]:
+        """The anchors of `forward`, computed: the cell anchors shifted to every grid cell of every level.
+
+        The sizes may be symbolic (traced with dynamic shapes): they are only divided and counted.
+        """
+        height, width = image_size_padded
         anchors = []
         for (grid_h, grid_w), base in zip(feature_sizes, self.cell_anchors):
             stride_y, stride_x = height // grid_h, width // grid_w
@@ -99,8 +115,4 @@ class AnchorGenerator(nn.Module):
             shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=-1).reshape(-1, 1, 4)  # [H_l W_l, 1, 4]
             base = base.to(device=device, dtype=dtype)  # [A, 4]
             anchors.append((shifts + base[None]).reshape(-1, 4))  # [H_l W_l A, 4]
-
-        self._cache[key] = anchors
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)  # forget the least recently used image size
         return anchors

@@ -90,6 +90,17 @@ def boxes_to_rois(boxes: list[Tensor]) -> Tensor:
     return torch.cat([torch.cat([i, b], dim=1) for i, b in zip(batch_index, boxes)], dim=0)  # [R, 5]
 
 
+@torch.compiler.disable  # data-dependent: which feature pixels RoIAlign reads depends on the RoIs' values
+def pool_rois(pooler: nn.Module, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
+    """`pooler(features, rois)` for the boxes `[R_i, 4]` of every image: `[R, C, P, P]` RoI features.
+
+    RoIAlign's CPU path builds a sparse matrix whose size depends on where the RoIs fall, and on a
+    GPU it is a Triton kernel: `torch.compile` leaves it to eager PyTorch and compiles the heads
+    around it whole.
+    """
+    return pooler(features, boxes_to_rois(boxes))
+
+
 class TrainingRoIs(NamedTuple):
     """The RoIs sampled for training, one tensor per image (`R_i` RoIs in image `i`)."""
 
@@ -215,6 +226,7 @@ def detection_candidates(boxes: Tensor, scores: Tensor, score_thresh: float = 0.
     return boxes[keep], scores[keep], labels[keep]
 
 
+@torch.compiler.disable  # data-dependent: how many candidates pass the threshold and survive NMS
 def postprocess_detections(
     class_logits: Tensor,
     box_deltas: Tensor,
@@ -229,7 +241,8 @@ def postprocess_detections(
 
     class_logits `[R, K]` and box_deltas `[R, 4K]` for the RoIs of all images, proposals `[R_i, 4]`
     per image, image_sizes `(h, w)` per image. Returns, per image, boxes `[D_i, 4]`, scores `[D_i]`
-    and labels `[D_i]` int64 in `[1, K)`, best score first, `D_i <= detections_per_img`.
+    and labels `[D_i]` int64 in `[1, K)`, best score first, `D_i <= detections_per_img`. The box
+    branch's data-dependent step: `torch.compile` leaves it to eager PyTorch (a graph break).
     """
     all_boxes, all_scores, all_labels = [], [], []
     for boxes, scores in zip(*refine_boxes(class_logits, box_deltas, proposals, image_sizes, box_coder)):
@@ -281,7 +294,7 @@ class BoxBranch(nn.Module):
 
     def logits_and_deltas(self, features: list[Tensor], boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Class logits `[R, K]` and box deltas `[R, 4K]` for the boxes `[R_i, 4]` of every image."""
-        roi_features = self.pooler(features, boxes_to_rois(boxes))  # [R, C, P, P]
+        roi_features = pool_rois(self.pooler, features, boxes)  # [R, C, P, P]
         return self.predictor(self.head(roi_features))
 
     def forward(

@@ -39,8 +39,12 @@ import torch
 from torch import Tensor
 
 
-def check_paste_inputs(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int) -> None:
-    """Raise a `ValueError` naming the problem if the masks cannot be pasted into the image."""
+def check_paste_inputs(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int, values: bool = True) -> None:
+    """Raise a `ValueError` naming the problem if the masks cannot be pasted into the image.
+
+    Shapes, dtypes and sizes always; the boxes' values (finite, `x2 >= x1`, `y2 >= y1`) when `values`
+    is true: reading them is a host synchronisation, which the model's own boxes do not need.
+    """
     if not isinstance(masks, Tensor) or masks.dim() != 4 or masks.shape[1] != 1 or masks.shape[2] != masks.shape[3]:
         raise ValueError(f"masks must be a [D, 1, M, M] tensor, got shape {tuple(getattr(masks, 'shape', ()))}")
     if not masks.is_floating_point():
@@ -53,6 +57,8 @@ def check_paste_inputs(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]
         raise ValueError(f"image_size must be two positive integers (height, width), got {image_size}")
     if int(padding) != padding or padding < 0:
         raise ValueError(f"padding must be a non-negative integer, got {padding}")
+    if not values:
+        return
     if boxes.numel() and not bool(torch.isfinite(boxes).all()):
         raise ValueError("boxes must be finite")
     if boxes.numel() and bool(((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any()):
@@ -100,16 +106,18 @@ def paste_matrix(start: Tensor, length: Tensor, image_length: int, source_length
     return matrix  # [D, L, S]
 
 
-def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int = 1) -> Tensor:
+def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int = 1, validate: bool = True) -> Tensor:
     """Paste each detection's mask probabilities into an image-sized canvas (steps 1-4 above).
 
     masks: `[D, 1, M, M]` float probabilities; boxes: `[D, 4]` (x1, y1, x2, y2) float, in the
     coordinates of the image of size `image_size = (H, W)`; returns `[D, 1, H, W]` of the masks'
     dtype, zero outside each (enlarged) box. Equal, to float rounding, to torchvision's
     `paste_masks_in_image(masks, boxes, image_size, padding)`: the same pixels and weights,
-    summed in another order (a few units of machine epsilon apart).
+    summed in another order (a few units of machine epsilon apart). `validate=False` skips the
+    checks of the boxes' values (the model's boxes are valid by construction), so that nothing
+    is read back to the host.
     """
-    check_paste_inputs(masks, boxes, image_size, padding)
+    check_paste_inputs(masks, boxes, image_size, padding, values=validate)
     height, width = int(image_size[0]), int(image_size[1])
     num_detections, mask_size = masks.shape[0], masks.shape[-1]
     if num_detections == 0:
@@ -132,14 +140,16 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], paddi
     return pasted[:, None]  # [D, 1, H, W]
 
 
-def paste_detection_masks(detections: list[dict[str, Tensor]], image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+def paste_detection_masks(
+    detections: list[dict[str, Tensor]], image_sizes: list[tuple[int, int]], validate: bool = True
+) -> list[dict[str, Tensor]]:
     """Paste the masks of every image's detections into that image (the last step of inference).
 
     detections: one dict per image with "boxes" `[D, 4]` already in the coordinates of the
     original image (`ImageTransform.postprocess` maps them back from the resized image), and
     "masks" `[D, 1, M, M]` probabilities; image_sizes: the original `(H, W)` of each image.
     Returns new dicts whose "masks" are `[D, 1, H, W]` probabilities; the other fields are the
-    same tensors. Binarize at 0.5 to get the paper's masks.
+    same tensors. Binarize at 0.5 to get the paper's masks. `validate` as in `paste_masks`.
     """
     if len(detections) != len(image_sizes):
         raise ValueError(f"got detections for {len(detections)} images but {len(image_sizes)} image sizes")
@@ -147,5 +157,5 @@ def paste_detection_masks(detections: list[dict[str, Tensor]], image_sizes: list
     for detection, image_size in zip(detections, image_sizes):
         if "masks" not in detection or "boxes" not in detection:
             raise ValueError(f"each detection needs 'boxes' and 'masks', got keys {sorted(detection)}")
-        results.append({**detection, "masks": paste_masks(detection["masks"], detection["boxes"], image_size)})
+        results.append({**detection, "masks": paste_masks(detection["masks"], detection["boxes"], image_size, validate=validate)})
     return results

@@ -153,7 +153,7 @@ class MaskRCNN(nn.Module):
                 detection["keypoints"] = resize_keypoints(detection["keypoints"], size, original)
         if self.mask_branch is not None:  # pasting is two matrix products: in float32, also under autocast
             with torch.autocast(batch.device.type, enabled=False):
-                detections = paste_detection_masks(detections, original_sizes)  # masks [D, 1, H, W]
+                detections = paste_detection_masks(detections, original_sizes, validate=False)  # masks [D, 1, H, W]
         return detections
 
     def set_num_classes(self, num_classes: int) -> list[str]:

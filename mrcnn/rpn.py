@@ -20,6 +20,10 @@ where `t*_a` encodes the matched ground-truth box from anchor `a`. Proposals do 
 backpropagate into the RPN (the deltas are detached before decoding), as in Faster R-CNN's
 approximate joint training.
 
+Under `torch.compile` the head, the anchors and the decoding are one graph; `select_proposals`
+(top-k, clipping, NMS: how many boxes survive is known only once computed) is the one step left
+to eager PyTorch, a single graph break.
+
 Tensors that go through `exp`, `sigmoid` or a reduction are given the same shapes as in
 torchvision (the whole batch at once), since vectorized and scalar code paths may differ in the
 last bit; that makes the proposals equal to torchvision's, not just close.
@@ -166,15 +170,55 @@ class RegionProposalNetwork(nn.Module):
         proposals = self.box_coder.decode(box_deltas.detach().reshape(-1, 4), all_anchors)  # [N T, 1, 4]
         return anchors_per_level, objectness, box_deltas, proposals.view(num_images, -1, 4)  # [N, T, 4]
 
+    @torch.compiler.disable  # data-dependent: how many boxes survive each step is known only once it ran
     def select_proposals(
         self, proposals: Tensor, objectness: Tensor, image_sizes: list[tuple[int, int]], num_anchors_per_level: list[int]
     ) -> list[Tensor]:
-        """proposals `[N, T, 4]`, objectness `[N, T]` logits -> per image `[R_i, 4]`, best first."""
+        """proposals `[N, T, 4]`, objectness `[N, T]` logits -> per image `[R_i, 4]`, best first.
+
+        The top candidates of each level (`top_candidates`), clipped and filtered (`candidates_in_image`),
+        NMS within each level, the `post_nms_top_n` best. This is the RPN's data-dependent step:
+        `torch.compile` leaves it to eager PyTorch (a graph break) and compiles the head before it whole.
+        """
+        post_nms_top_n = self.post_nms_top_n["training" if self.training else "testing"]
         selected = []
-        for boxes, scores, levels in self.proposals_before_nms(proposals, objectness, image_sizes, num_anchors_per_level):
+        for boxes, scores, levels, image_size in zip(*self.top_candidates(proposals, objectness, num_anchors_per_level), image_sizes):
+            boxes, scores, levels = self.candidates_in_image(boxes, scores, levels, image_size)
             keep = batched_nms(boxes, scores, levels, self.nms_thresh)  # NMS within each level, best first
-            selected.append(boxes[keep[: self.post_nms_top_n["training" if self.training else "testing"]]])  # [R_i, 4]
+            selected.append(boxes[keep[:post_nms_top_n]])  # [R_i, 4]
         return selected
+
+    def top_candidates(self, proposals: Tensor, objectness: Tensor, num_anchors_per_level: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """The `pre_nms_top_n` highest logits of each level, for every image at once (sizes fixed by the shapes).
+
+        proposals `[N, T, 4]`, objectness `[N, T]` logits -> boxes `[N, K, 4]`, scores `[N, K]`
+        (sigmoid of the logits) and levels `[N, K]` int64 (0 for the first level), with `K = sum_l
+        min(pre_nms_top_n, T_l)`.
+        """
+        mode = "training" if self.training else "testing"
+        num_images = proposals.shape[0]
+        levels = torch.cat(
+            [torch.full((n,), level, dtype=torch.int64, device=proposals.device) for level, n in enumerate(num_anchors_per_level)]
+        )  # [T]
+        top_indices, offset = [], 0
+        for logits in objectness.split(num_anchors_per_level, dim=1):  # [N, T_l]
+            k = torch.sym_min(self.pre_nms_top_n[mode], logits.shape[1])  # min(), also of a symbolic size (torch.export)
+            top_indices.append(logits.topk(k, dim=1).indices + offset)  # [N, k]
+            offset += logits.shape[1]
+        top_indices = torch.cat(top_indices, dim=1)  # [N, K]
+        image_index = torch.arange(num_images, device=proposals.device)[:, None]  # [N, 1]
+        scores = torch.sigmoid(objectness[image_index, top_indices])  # [N, K]
+        return proposals[image_index, top_indices], scores, levels[top_indices]  # [N, K, 4], [N, K], [N, K]
+
+    def candidates_in_image(
+        self, boxes: Tensor, scores: Tensor, levels: Tensor, image_size: tuple[int, int]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One image's top candidates `[K, 4]`, `[K]`, `[K]` clipped to it, without tiny or low-scoring boxes."""
+        boxes = clip_boxes(boxes, image_size)  # [K, 4]
+        keep = remove_small_boxes(boxes, self.min_size)
+        boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
+        keep = torch.where(scores >= self.score_thresh)[0]
+        return boxes[keep], scores[keep], levels[keep]
 
     def proposals_before_nms(
         self, proposals: Tensor, objectness: Tensor, image_sizes: list[tuple[int, int]], num_anchors_per_level: list[int]
@@ -184,32 +228,8 @@ class RegionProposalNetwork(nn.Module):
         proposals `[N, T, 4]`, objectness `[N, T]` logits -> per image `(boxes [K_i, 4], scores
         [K_i] (sigmoid of the logits), levels [K_i] int64 (0 for the first level))`.
         """
-        mode = "training" if self.training else "testing"
-        num_images = proposals.shape[0]
-        levels = torch.cat(
-            [torch.full((n,), level, dtype=torch.int64, device=proposals.device) for level, n in enumerate(num_anchors_per_level)]
-        )  # [T]
-
-        # the pre_nms_top_n highest logits of each level (indices into T)
-        top_indices, offset = [], 0
-        for logits in objectness.split(num_anchors_per_level, dim=1):  # [N, T_l]
-            k = min(self.pre_nms_top_n[mode], logits.shape[1])
-            top_indices.append(logits.topk(k, dim=1).indices + offset)  # [N, k]
-            offset += logits.shape[1]
-        top_indices = torch.cat(top_indices, dim=1)  # [N, K]
-        image_index = torch.arange(num_images, device=proposals.device)[:, None]  # [N, 1]
-        scores = torch.sigmoid(objectness[image_index, top_indices])  # [N, K]
-        proposals = proposals[image_index, top_indices]  # [N, K, 4]
-        levels = levels[top_indices]  # [N, K]
-
-        candidates = []
-        for boxes, scores_i, levels_i, image_size in zip(proposals, scores, levels, image_sizes):
-            boxes = clip_boxes(boxes, image_size)  # [K, 4]
-            keep = remove_small_boxes(boxes, self.min_size)
-            boxes, scores_i, levels_i = boxes[keep], scores_i[keep], levels_i[keep]
-            keep = torch.where(scores_i >= self.score_thresh)[0]
-            candidates.append((boxes[keep], scores_i[keep], levels_i[keep]))
-        return candidates
+        boxes, scores, levels = self.top_candidates(proposals, objectness, num_anchors_per_level)
+        return [self.candidates_in_image(*candidate, size) for *candidate, size in zip(boxes, scores, levels, image_sizes)]
 
     def assign_targets(self, anchors: Tensor, targets: list[dict[str, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
         """Label each anchor of each image, and give it the box it should regress to.
