@@ -208,8 +208,12 @@ def run_command(command: list[str], timeout: float, env: dict | None = None, cwd
 
     start = time.perf_counter()
     print(f"$ {' '.join(command)}   (timeout {timeout:.0f} s)", flush=True)
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, errors="replace", start_new_session=True)  # fmt: skip
+    try:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, errors="replace", start_new_session=True)  # fmt: skip
+    except OSError as error:  # no such program (nvidia-smi on a machine without one)
+        print(f"!!! could not start {command[0]}: {error}", flush=True)
+        return {"rc": None, "seconds": 0.0, "timed_out": False, "tail": [str(error)]}
     last = collections.deque(maxlen=tail)
 
     def copy():

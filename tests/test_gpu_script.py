@@ -108,6 +108,11 @@ def test_a_timeout_ends_the_whole_process_group():
     assert time.perf_counter() - start < 20
 
 
+def test_a_missing_program_is_a_result_not_a_crash():
+    run = run_command(["no-such-program-here"], timeout=5)
+    assert run["rc"] is None and not run["timed_out"]
+
+
 def test_junit_report_is_read_into_counts_failures_and_skips(tmp_path):
     report = tmp_path / "junit.xml"
     report.write_text("""<?xml version="1.0"?><testsuites><testsuite>
