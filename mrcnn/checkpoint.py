@@ -12,7 +12,8 @@ trains for 160k iterations; nobody runs that in one go):
 
 Saving writes to a temporary file in the target's directory and then renames it over the
 target with `os.replace`, which is atomic on POSIX and Windows: a crash, a full disk or a
-Ctrl-C while writing leaves the previous checkpoint as it was, never half a file.
+Ctrl-C while writing leaves the previous checkpoint as it was, never half a file (and a
+temporary file that a killed run left behind is removed by the next save).
 
 Loading raises a `CheckpointError` (a `ValueError`) naming the file and the problem: missing,
 not a PyTorch file (truncated, corrupt, something else), not one of ours, or weights that do
@@ -23,6 +24,7 @@ containers only, so a checkpoint from elsewhere cannot run code.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import random
 import tempfile
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from mrcnn.config import MaskRCNNConfig
+from mrcnn.model import MaskRCNN
 
 FORMAT = "mrcnn-checkpoint"
 VERSION = 1
@@ -47,19 +50,33 @@ class NotACheckpointError(CheckpointError):
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
-    """`torch.save(obj)` to `path` atomically: a temporary file in the same folder, then `os.replace`."""
+    """`torch.save(obj)` to `path` atomically: a temporary file in the same folder, then `os.replace`.
+
+    A write that fails (a full disk, a read-only folder) raises the `OSError` that says so, naming
+    `path`, and leaves `path` as it was. The temporary files of writers that were killed before
+    they could clean up (`.NAME.*.tmp`) are removed once `path` is written.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(path)) from None
     try:
         with os.fdopen(descriptor, "wb") as file:
             torch.save(obj, file)
             file.flush()
             os.fsync(file.fileno())  # the bytes are on disk before the name points at them
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        failed_write = error if isinstance(error, OSError) else error.__context__
+        if isinstance(error, (OSError, RuntimeError)) and isinstance(failed_write, OSError):
+            # torch.save reports a failed write (ENOSPC, say) as a RuntimeError about positions in its zip file
+            raise OSError(failed_write.errno, failed_write.strerror, str(path)) from None
         raise
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def rng_states() -> dict:
@@ -166,8 +183,6 @@ def load_model_state(model: nn.Module, checkpoint: dict, path: str | os.PathLike
 def model_from_checkpoint(checkpoint: dict, path: str | os.PathLike = "checkpoint") -> nn.Module:
     """The `MaskRCNN` a checkpoint holds: built from its config, its weights loaded strictly
     (in training mode, as a new model is). A `CheckpointError` if either does not fit this code."""
-    from mrcnn.model import MaskRCNN  # here: mrcnn.model does not need this module, train does
-
     model = MaskRCNN(config_from_checkpoint(checkpoint, path))
     load_model_state(model, checkpoint, path)
     return model

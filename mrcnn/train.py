@@ -56,14 +56,22 @@ from torch import nn
 from tqdm import tqdm
 
 from mrcnn.checkpoint import load_checkpoint, load_model_state, save_checkpoint, set_rng_states
-from mrcnn.data.coco import horizontal_flip
+from mrcnn.data.flip import horizontal_flip
 
 PAPER_ITERATIONS, PAPER_BATCH_SIZE, PAPER_LR, PAPER_DECAY_AT = 160_000, 16, 0.02, (0.75,)  # 120k of 160k
 CHECKPOINT_NAME, LOG_NAME = "checkpoint.pt", "log.jsonl"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteError(RuntimeError):
+    """A step gave NaN or infinite values: the run stopped, and its last finite checkpoint is kept."""
+
+
+class NonFiniteLossError(NonFiniteError):
     """The loss of a step is NaN or infinite; the weights were not updated."""
+
+
+class NonFiniteWeightsError(NonFiniteError):
+    """The weights became NaN or infinite in an update (a finite loss, too large a step); they were not saved."""
 
 
 @dataclass(frozen=True)
@@ -222,109 +230,219 @@ def train(model: nn.Module, dataset, settings: TrainSettings, output_dir: str | 
     end (atomically), and `log.jsonl`, one JSON record per step: {"step" (1-based), "lr", "loss"
     and each loss term (means over the batch), "seconds" since the start}. resume: continue from
     `output_dir/checkpoint.pt` when it exists. Raises `NonFiniteLossError` when a step's loss is
-    not finite, before the weights change; the last checkpoint is kept. metadata: saved in the
-    checkpoints for whoever uses the weights (e.g. {"category_names": [...]}). Returns a summary dict.
+    not finite, before the weights change, and `NonFiniteWeightsError` when the weights stop
+    being finite, before they are saved; the last checkpoint is kept either way. metadata: saved
+    in the checkpoints for whoever uses the weights (e.g. {"category_names": [...]}). Returns a
+    summary dict. The steps are the functions below, in the order they run.
     """
-    output_dir = Path(output_dir)
+    run = start_run(model, settings, Path(output_dir), device, resume, metadata or {})
+    loader = training_loader(dataset, settings, run.start_step, run.rank, run.world_size)
+    with TrainingLog(run, progress) as log:
+        for keys, images, targets in loader:
+            step = keys[0][0]  # 0-based; the record and the checkpoint count steps done, step + 1
+            losses = forward_backward(run, keys, images, targets)  # the gradients of L_step, in .grad
+            log.write(step + 1, run.optimizer.param_groups[0]["lr"], losses)
+            if not all(math.isfinite(value) for value in losses.values()):
+                run.optimizer.zero_grad(set_to_none=True)
+                terms = ", ".join(f"{name}={value:.4g}" for name, value in losses.items())
+                raise NonFiniteLossError(stopped(run, step + 1, f"the loss is not finite ({terms}); training stopped "
+                                                                "before updating the weights"))  # fmt: skip
+            update_weights(run)
+            if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.iterations:
+                save_progress(run, step + 1)
+    images = (settings.iterations - run.start_step) * settings.batch_size
+    return {"steps": settings.iterations, "resumed_from": run.start_step, "seconds": log.seconds, "rank": run.rank,
+            "images_per_second": images / max(log.seconds, 1e-9), "final": log.records[-1] if log.records else None,
+            "checkpoint": str(run.checkpoint_path), "log": str(log.path)}  # fmt: skip
+
+
+@dataclass
+class Run:
+    """What a training run holds from one step to the next (made by `start_run`)."""
+
+    model: nn.Module  # the MaskRCNN being trained
+    network: nn.Module  # what runs a step: the model, or DistributedDataParallel around it
+    optimizer: torch.optim.SGD
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler  # fp16 only: scales the loss so that its gradients do not underflow
+    settings: TrainSettings
+    device: torch.device
+    rank: int  # this process, of world_size; rank 0 logs and writes the checkpoints
+    world_size: int
+    checkpoint_path: Path
+    metadata: dict  # saved in every checkpoint
+    start_step: int  # steps done before this call: 0, or the resumed checkpoint's
+    last_saved: int  # the step of the last checkpoint written (0: none yet)
+
+
+def start_run(model: nn.Module, settings: TrainSettings, output_dir: Path, device: str | torch.device,
+              resume: bool, metadata: dict) -> Run:  # fmt: skip
+    """Join the process group, build the optimizer and schedule, resume, and wrap the model for DDP."""
     rank, world_size, device = distributed_setup(device)
     if settings.amp != "off" and device.type != "cuda":
         raise ValueError(f"mixed precision (amp={settings.amp}) needs a CUDA device, got {device}")
-    checkpoint_path, log_path = output_dir / CHECKPOINT_NAME, output_dir / LOG_NAME
     model.to(device).train()
+    optimizer, scheduler, scaler = build_optimizer(model, settings, device)
+    checkpoint_path = output_dir / CHECKPOINT_NAME
+    start_step = 0
+    if resume and checkpoint_path.exists():
+        start_step = resume_from_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, settings, device)
+    network = model
+    if world_size > 1:
+        network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return Run(model, network, optimizer, scheduler, scaler, settings, device, rank, world_size, checkpoint_path,
+               metadata, start_step, last_saved=start_step)  # fmt: skip
+
+
+def build_optimizer(model: nn.Module, settings: TrainSettings, device: torch.device) -> tuple:
+    """SGD with momentum and weight decay on the trainable weights, the warm-up and step schedule
+    (`learning_rate_factor`), and the loss scaler of fp16 training (a no-op otherwise)."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(parameters, lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, settings))
     scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
-    start_step = 0
-    if resume and checkpoint_path.exists():
-        checkpoint = load_checkpoint(checkpoint_path, map_location=device)
-        if checkpoint["settings"].get("seed") != settings.seed or checkpoint["settings"].get("batch_size") != settings.batch_size:
-            raise ValueError(f"{checkpoint_path} was trained with another seed or batch size; resuming would change the data order")
-        load_model_state(model, checkpoint, checkpoint_path)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if checkpoint["scaler"] is not None:
-            scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_states(checkpoint["rng"])
-        start_step = checkpoint["step"]
-    records = read_log(log_path, start_step) if rank == 0 else []
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return optimizer, scheduler, scaler
 
-    network = model
-    if world_size > 1:
-        network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+def resume_from_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler, settings: TrainSettings,
+                           device: torch.device) -> int:  # fmt: skip
+    """Restore the weights, the optimizer's momentum, the schedule and the random generators saved in
+    `path`; returns the number of steps done. A `ValueError` if the run cannot continue with `settings`."""
+    checkpoint = load_checkpoint(path, map_location=device)
+    if checkpoint["settings"].get("seed") != settings.seed or checkpoint["settings"].get("batch_size") != settings.batch_size:
+        raise ValueError(f"{path} was trained with another seed or batch size; resuming would change the data order")
+    if checkpoint["step"] > settings.iterations:
+        raise ValueError(f"{path} has done {checkpoint['step']} steps, more than the {settings.iterations} "
+                         "iterations asked for; ask for at least as many to resume it")  # fmt: skip
+    load_model_state(model, checkpoint, path)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if checkpoint["scaler"] is not None:
+        scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_states(checkpoint["rng"])
+    return checkpoint["step"]
+
+
+def training_loader(dataset, settings: TrainSettings, start_step: int, rank: int, world_size: int):
+    """The images of this process, step by step from `start_step`: a `DataLoader` over `GlobalBatchSampler`
+    and `TrainingImages`, which yields (keys, images, targets) lists."""
     sampler = GlobalBatchSampler(len(dataset), settings.batch_size, settings.seed, settings.iterations, start_step,
                                  rank, world_size)  # fmt: skip
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         TrainingImages(dataset, settings.seed, settings.flip), batch_sampler=sampler, collate_fn=_collate,
         num_workers=settings.workers, generator=torch.Generator().manual_seed(settings.seed),
     )  # fmt: skip
+
+
+def forward_backward(run: Run, keys: list, images: list, targets: list) -> dict[str, float]:
+    """One step's forward and backward passes, one image at a time (module docstring).
+
+    Each image's loss is divided by B before its backward pass, so that `.grad` ends up holding the
+    gradient of L_step; under DDP the gradients are averaged over the processes with the last
+    image's backward pass. Returns each loss term of L_step, averaged over the global batch.
+    """
+    settings, device = run.settings, run.device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if settings.amp == "bf16" else torch.float16,
                               enabled=settings.amp != "off")  # fmt: skip
-    config, saved_settings = model.config, dataclasses.asdict(settings)
-    bar = tqdm(total=settings.iterations, initial=start_step, desc="train", unit="step", disable=not progress or rank != 0)
-    running: dict[str, float] = {}
-    run_started, earlier_seconds = time.perf_counter(), (records[-1]["seconds"] if records else 0.0)
-    last_saved = start_step
-    names: list[str] = []
-    with log_path.open("a") if rank == 0 else contextlib.nullcontext() as log:
-        for keys, images, targets in loader:
-            step = keys[0][0]
-            totals = None
-            for index, (key, image, target) in enumerate(zip(keys, images, targets)):
-                torch.manual_seed(sampling_seed(settings.seed, step, key[1]))
-                image = image.to(device, non_blocking=True)
-                target = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in target.items()}
-                last = index == len(keys) - 1
-                with network.no_sync() if world_size > 1 and not last else contextlib.nullcontext():
-                    with autocast:
-                        losses = network([image], [target])
-                    names = list(losses)
-                    loss = sum(losses.values()) / len(keys)  # this image's share of L_step
-                    scaler.scale(loss).backward()
-                terms = torch.stack([value.detach().float() for value in losses.values()]) / len(keys)
-                totals = terms if totals is None else totals + terms
-            if world_size > 1:
-                dist.all_reduce(totals)
-                totals /= world_size
-            values = dict(zip(names, totals.tolist()))
-            record = {"step": step + 1, "lr": optimizer.param_groups[0]["lr"], "loss": sum(values.values()), **values,
-                      "seconds": round(earlier_seconds + time.perf_counter() - run_started, 3)}  # fmt: skip
-            if rank == 0:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            if not all(math.isfinite(v) for v in values.values()):
-                optimizer.zero_grad(set_to_none=True)
-                terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-                kept = (f"the last checkpoint, {checkpoint_path} (step {last_saved}), is kept" if last_saved
-                        else "no checkpoint was written yet")  # fmt: skip
-                raise NonFiniteLossError(f"step {step + 1}: the loss is not finite ({terms}); training stopped before "
-                                         f"updating the weights and {kept}. Try a lower --lr or --clip-grad-norm.")  # fmt: skip
-            if settings.clip_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(parameters, settings.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            records.append(record)
-            for name in ["loss", *names]:  # smoothed over about 20 steps for the progress bar
-                running[name] = record[name] if name not in running else 0.95 * running[name] + 0.05 * record[name]
-            bar.set_postfix({name.replace("loss_", ""): f"{value:.3f}" for name, value in running.items()}, refresh=False)
-            bar.update()
-            if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.iterations:
-                if rank == 0:
-                    save_checkpoint(checkpoint_path, model, config, step + 1, optimizer, scheduler, scaler, saved_settings,
-                                    metadata)  # fmt: skip
-                last_saved = step + 1
-                if world_size > 1:
-                    dist.barrier()
-    bar.close()
-    seconds = time.perf_counter() - run_started
-    images = (settings.iterations - start_step) * settings.batch_size
-    return {"steps": settings.iterations, "resumed_from": start_step, "seconds": seconds, "rank": rank,
-            "images_per_second": images / max(seconds, 1e-9), "final": records[-1] if records else None,
-            "checkpoint": str(checkpoint_path), "log": str(log_path)}  # fmt: skip
+    step, totals, names = keys[0][0], None, []
+    for index, (key, image, target) in enumerate(zip(keys, images, targets)):
+        torch.manual_seed(sampling_seed(settings.seed, step, key[1]))  # the RPN's and the box branch's samplers
+        image = image.to(device, non_blocking=True)
+        target = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in target.items()}
+        last = index == len(keys) - 1
+        with run.network.no_sync() if run.world_size > 1 and not last else contextlib.nullcontext():
+            with autocast:
+                losses = run.network([image], [target])
+            names = list(losses)
+            loss = sum(losses.values()) / len(keys)  # this image's share of L_step
+            run.scaler.scale(loss).backward()
+        terms = torch.stack([value.detach().float() for value in losses.values()]) / len(keys)
+        totals = terms if totals is None else totals + terms
+    if run.world_size > 1:
+        dist.all_reduce(totals)
+        totals /= run.world_size
+    return dict(zip(names, totals.tolist()))
+
+
+def update_weights(run: Run) -> None:
+    """Clip the gradient norm (if asked), take the SGD step, advance the schedule, clear the gradients."""
+    if run.settings.clip_grad_norm is not None:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.optimizer.param_groups[0]["params"], run.settings.clip_grad_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def save_progress(run: Run, steps: int) -> None:
+    """Write the checkpoint of `steps` steps (rank 0; the other processes wait for it).
+
+    A model whose weights are no longer finite is not saved: `NonFiniteWeightsError`, and the last
+    checkpoint stays as it was.
+    """
+    weights = [value for value in run.model.state_dict().values() if value.is_floating_point()]
+    if not torch.stack([torch.isfinite(value).all() for value in weights]).all():
+        raise NonFiniteWeightsError(stopped(run, steps, "the weights are not finite after this step's update; "
+                                                        "they were not saved"))  # fmt: skip
+    if run.rank == 0:
+        save_checkpoint(run.checkpoint_path, run.model, run.model.config, steps, run.optimizer, run.scheduler,
+                        run.scaler, dataclasses.asdict(run.settings), run.metadata)  # fmt: skip
+    run.last_saved = steps
+    if run.world_size > 1:
+        dist.barrier()
+
+
+def stopped(run: Run, step: int, what: str) -> str:
+    """The message of a run stopped at `step` (1-based) because of `what`: which checkpoint is kept."""
+    kept = (f"the last checkpoint, {run.checkpoint_path} (step {run.last_saved}), is kept" if run.last_saved
+            else "no checkpoint was written yet")  # fmt: skip
+    return f"step {step}: {what}, and {kept}. Try a lower --lr or --clip-grad-norm."
+
+
+class TrainingLog:
+    """`log.jsonl` (rank 0 writes it), the progress bar and the run's clock.
+
+    On a resumed run the log keeps the records of the steps the checkpoint holds and drops those
+    after it (they were lost with the crash), and the clock goes on from the last kept record.
+    """
+
+    def __init__(self, run: Run, progress: bool = True):
+        self.path, self.rank = run.checkpoint_path.parent / LOG_NAME, run.rank
+        self.records = read_log(self.path, run.start_step) if run.rank == 0 else []
+        self.file = None
+        if run.rank == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("".join(json.dumps(record) + "\n" for record in self.records))
+            self.file = self.path.open("a")
+        self.bar = tqdm(total=run.settings.iterations, initial=run.start_step, desc="train", unit="step",
+                        disable=not progress or run.rank != 0)  # fmt: skip
+        self.running: dict[str, float] = {}  # smoothed over about 20 steps, for the progress bar
+        self.earlier_seconds = self.records[-1]["seconds"] if self.records else 0.0
+        self.started, self.seconds = time.perf_counter(), 0.0
+
+    def write(self, step: int, lr: float, losses: dict[str, float]) -> dict:
+        """Log step `step` (1-based): its learning rate, its loss L_step and each term of it."""
+        self.seconds = time.perf_counter() - self.started
+        record = {"step": step, "lr": lr, "loss": sum(losses.values()), **losses,
+                  "seconds": round(self.earlier_seconds + self.seconds, 3)}  # fmt: skip
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        self.records.append(record)
+        for name in ["loss", *losses]:
+            self.running[name] = record[name] if name not in self.running else 0.95 * self.running[name] + 0.05 * record[name]
+        self.bar.set_postfix({name.replace("loss_", ""): f"{value:.3f}" for name, value in self.running.items()}, refresh=False)
+        self.bar.update()
+        return record
+
+    def __enter__(self) -> "TrainingLog":
+        return self
+
+    def __exit__(self, kind, *exception) -> None:
+        self.seconds = time.perf_counter() - self.started
+        self.bar.leave = kind is None  # a stopped run clears its bar: the line that says why stands alone
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()

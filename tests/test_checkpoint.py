@@ -1,5 +1,7 @@
 """Checkpoints: atomic writes, exact round trips, and one clear error for every unusable file."""
 
+import errno
+import os
 import random
 
 import numpy as np
@@ -144,3 +146,42 @@ def test_c4_round_trip_keeps_the_shared_res5_shared(tmp_path):
     res5 = fresh.box_branch.head.res5
     assert res5 is fresh.mask_branch.head.res5  # one stage, two heads
     torch.testing.assert_close(res5[0].conv1.weight, c4.box_branch.head.res5[0].conv1.weight)
+
+
+class FullDisk:
+    """A file that takes `room` bytes and then fails as a full disk does."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def test_a_full_disk_is_reported_as_one_and_names_the_file(model, tmp_path, monkeypatch):
+    """torch.save turns a failed write into a RuntimeError about zip positions; the save says what happened."""
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, model, model.config, 5)
+    before = path.read_bytes()
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, file: real_save(obj, FullDisk(file, 4096)))
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        save_checkpoint(path, model, model.config, 6)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_temporary_files_left_by_a_killed_run_are_removed_by_the_next_save(tmp_path):
+    leftover = tmp_path / ".checkpoint.pt.k1ll3d.tmp"  # what SIGKILL during a save leaves
+    leftover.write_bytes(b"half a checkpoint")
+    other = tmp_path / ".other.pt.abc.tmp"  # another file's: not ours to remove
+    other.write_bytes(b"")
+    atomic_save({"a": 1}, tmp_path / "checkpoint.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.abc.tmp", "checkpoint.pt"]

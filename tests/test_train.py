@@ -13,6 +13,7 @@ from mrcnn.model import MaskRCNN
 from mrcnn.train import (
     GlobalBatchSampler,
     NonFiniteLossError,
+    NonFiniteWeightsError,
     TrainingImages,
     TrainSettings,
     learning_rate_factor,
@@ -159,3 +160,26 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path)
     assert checkpoint["step"] == 2
     assert all(torch.isfinite(p).all() for p in model.parameters()), "the bad step must not update the weights"
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+def test_weights_that_stop_being_finite_are_never_saved(tmp_path):
+    """A finite loss with too large a step: the update itself makes the weights infinite. The
+    checkpoint of that step is refused and the last finite one kept (the loss check alone would
+    only stop the run one step later, after saving the broken weights)."""
+    settings = TrainSettings(iterations=4, batch_size=2, lr=3e38, warmup_iterations=1, warmup_factor=1e-40,
+                             checkpoint_every=1)  # step 1 at lr 0.03, step 2 at 3e38  # fmt: skip
+    with pytest.raises(NonFiniteWeightsError, match=r"step 2: the weights are not finite .*checkpoint.pt \(step 1\), is kept"):
+        train(tiny_model(), ShapesDataset(4, **TINY_DRAW), settings, tmp_path, progress=False)
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert checkpoint["step"] == 1
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+    assert [r["step"] for r in read_log(tmp_path / "log.jsonl")] == [1, 2]
+
+
+def test_resuming_with_fewer_iterations_than_done_is_refused(tmp_path):
+    data = ShapesDataset(4, **TINY_DRAW)
+    settings = TrainSettings(iterations=2, batch_size=2, lr=0.01, warmup_iterations=0, checkpoint_every=1)
+    train(tiny_model(), data, settings, tmp_path, progress=False)
+    fewer = TrainSettings(**{**settings.__dict__, "iterations": 1})
+    with pytest.raises(ValueError, match="has done 2 steps, more than the 1 iterations asked for"):
+        train(tiny_model(), data, fewer, tmp_path, resume=True, progress=False)
