@@ -1,6 +1,7 @@
 """The synthetic shapes data set: deterministic, occlusion-aware, readable by pycocotools."""
 
 import hashlib
+import json
 import time
 
 import numpy as np
@@ -138,3 +139,25 @@ def test_generation_is_fast():
         render_image(index)
     per_image = (time.process_time() - start) / 50
     assert per_image < 0.05, f"{per_image * 1e3:.1f} ms of CPU per image"
+
+
+def test_files_it_did_not_write_are_refused_unless_overwrite(tmp_path):
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "000000.png").write_bytes(b"someone else's picture")  # our name, but no manifest: not ours
+    (tmp_path / "README").write_text("my data")
+    with pytest.raises(FileExistsError, match="2 files that generate_shapes did not write"):
+        generate_shapes(tmp_path, num_train=2, num_val=1, workers=0)
+    assert tree_digest(tmp_path) == {"README": hashlib.sha256(b"my data").hexdigest(),
+                                     "val/000000.png": hashlib.sha256(b"someone else's picture").hexdigest()}  # fmt: skip
+    paths = generate_shapes(tmp_path, num_train=2, num_val=1, workers=0, overwrite=True)
+    assert len(list(paths.val_images.glob("*.png"))) == 1 and (tmp_path / "README").read_text() == "my data"
+
+
+def test_a_drawing_stopped_half_way_is_drawn_again_without_overwrite(tmp_path):
+    paths = generate_shapes(tmp_path, num_train=3, num_val=1, workers=0)
+    whole = tree_digest(tmp_path)
+    manifest = json.loads((tmp_path / "shapes.json").read_text())
+    (tmp_path / "shapes.json").write_text(json.dumps({**manifest, "complete": False}))  # as a killed run leaves it
+    paths.val_annotations.unlink()
+    assert generate_shapes(tmp_path, num_train=3, num_val=1, workers=0) == paths
+    assert tree_digest(tmp_path) == whole

@@ -33,6 +33,7 @@ import colorsys
 import json
 import multiprocessing
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,8 @@ from mrcnn.data.images import image_to_tensor
 
 CATEGORY_NAMES = ("circle", "square", "triangle", "star")
 SPLITS = ("train", "val")  # the position is the split's number in the random seed
+MANIFEST_NAME = "shapes.json"  # the settings of the data set drawn in a folder
+IMAGE_NAME = re.compile(r"\d{6}\.png")  # the images' names: 000000.png, 000001.png, ...
 
 
 def _check_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -189,7 +192,7 @@ def _draw_and_save(job: tuple) -> tuple[dict, list[dict]]:
     """Draw one image, save it as PNG, and return its COCO image record and annotations."""
     index, seed, split, image_dir, draw = job
     image, masks, labels = render_image(index, seed, split, **draw)
-    file_name = f"{index:06d}.png"
+    file_name = f"{index:06d}.png"  # IMAGE_NAME
     Image.fromarray(image).save(Path(image_dir) / file_name, compress_level=0)  # stored: fastest to write and read
     record = {"id": index + 1, "file_name": file_name, "height": image.shape[0], "width": image.shape[1]}
     annotations = []
@@ -229,6 +232,26 @@ def _coco_file(split: str, count: int, seed: int, image_dir: Path, workers: int,
     }
 
 
+def _read_manifest(root: Path) -> dict | None:
+    try:
+        manifest = json.loads((root / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and {"num_train", "num_val", "seed"} <= set(manifest) else None
+
+
+def foreign_files(root: str | os.PathLike) -> list[Path]:
+    """The files under `root` that `generate_shapes` did not write: all of them, unless its manifest
+    (`shapes.json`) is there; then all but the manifest, the annotation files and the images."""
+    root = Path(root)
+    files = sorted(path for path in root.rglob("*") if not path.is_dir()) if root.is_dir() else []
+    if _read_manifest(root) is None:
+        return files
+    ours = {root / MANIFEST_NAME} | {root / "annotations" / f"instances_{split}.json" for split in SPLITS}
+    return [path for path in files if path not in ours
+            and not (path.parent in (root / split for split in SPLITS) and IMAGE_NAME.fullmatch(path.name))]  # fmt: skip
+
+
 def generate_shapes(
     root: str | os.PathLike,
     num_train: int = 1000,
@@ -246,8 +269,11 @@ def generate_shapes(
     Layout: `root/train/*.png`, `root/val/*.png`, `root/annotations/instances_{train,val}.json`
     (RLE masks of the visible region, box [x, y, w, h] of the visible pixels, category ids 1..4).
     `root/shapes.json` records the settings; when it matches, the data set is already there and
-    nothing is redrawn (pass `overwrite=True` to redraw anyway). `workers` processes draw the
-    images (default: up to 4, one per CPU core); the files are the same for any number.
+    nothing is redrawn (pass `overwrite=True` to redraw anyway). A data set drawn here before with
+    other settings is redrawn; any other file under `root` (`foreign_files`) is a
+    `FileExistsError`, before anything is written, unless `overwrite=True`, which deletes the PNG
+    images of `root/train` and `root/val` and replaces the annotation files. `workers` processes
+    draw the images (default: up to 4, one per CPU core); the files are the same for any number.
     """
     if num_train < 0 or num_val < 0:
         raise ValueError(f"num_train and num_val must be >= 0, got {num_train}, {num_val}")
@@ -260,11 +286,16 @@ def generate_shapes(
     )  # fmt: skip
     settings = {"num_train": num_train, "num_val": num_val, "seed": seed, **draw}
     settings["image_size"], settings["object_size"] = list(_check_size(image_size)), list(object_size)  # as JSON reads
-    manifest = root / "shapes.json"
-    if not overwrite and manifest.exists() and json.loads(manifest.read_text()) == settings:
+    manifest = root / MANIFEST_NAME
+    if not overwrite and _read_manifest(root) == settings:
         if all(p.exists() for p in (paths.train_annotations, paths.val_annotations)):
             return paths
+    others = [] if overwrite else foreign_files(root)
+    if others:
+        raise FileExistsError(f"{root} holds {len(others)} files that generate_shapes did not write (e.g. "
+                              f"{others[0].relative_to(root)}); overwrite=True replaces its images and annotations")  # fmt: skip
     (root / "annotations").mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({**settings, "complete": False}))  # the folder is ours, even if drawing stops half-way
     for split, count, image_dir, annotation_file in (
         ("train", num_train, paths.train_images, paths.train_annotations),
         ("val", num_val, paths.val_images, paths.val_annotations),
