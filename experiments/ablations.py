@@ -32,10 +32,21 @@ import math
 import multiprocessing
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
+
+import mrcnn
+from mrcnn import config as config_module
+from mrcnn.data.shapes import generate_shapes
+from mrcnn.evaluate import evaluate
+from mrcnn.jobs import open_dataset
+from mrcnn.model import MaskRCNN
+from mrcnn.train import paper_schedule, read_log, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD_NAME = "result.json"
@@ -125,8 +136,6 @@ TABLE_ORDER = ("2c", "2d", "2b", "3", "2e", "2a")  # the most important first
 
 def arm_config(name: str, num_classes: int = 5):
     """The `MaskRCNNConfig` of arm `name`: its preset, with its changes applied by `config.replace`."""
-    from mrcnn import config as config_module
-
     if name not in ARMS:
         raise ValueError(f"unknown arm {name!r}; choose among {sorted(ARMS)}")
     arm = ARMS[name]
@@ -187,8 +196,6 @@ def two_way_softmax_masks(model):
     alone (object where `m_k > m_0`) is the multinomial model's own decision between the two, and
     tells how much of the variant's mask AP is the decoding rule rather than the training.
     """
-    import torch
-
     branch = model.mask_branch
     library_predict = branch.predict
 
@@ -210,10 +217,6 @@ def two_way_softmax_masks(model):
 def code_version() -> dict:
     """Which code trained: the `mrcnn` package's folder and its commit (a `COMMIT` file next to a
     snapshot made with `git archive`, else the repository's HEAD and whether `mrcnn/` had edits)."""
-    import subprocess
-
-    import mrcnn
-
     package = Path(mrcnn.__file__).resolve().parent
     stamp = package.parent / "COMMIT"
     if stamp.is_file():
@@ -229,13 +232,6 @@ def code_version() -> dict:
 
 def run_one(arm: str, seed: int, args: argparse.Namespace) -> dict:
     """Train arm `arm` with seed `seed`, score it on the held-out shapes, write its record atomically."""
-    import torch
-
-    from mrcnn.cli import open_dataset
-    from mrcnn.evaluate import evaluate
-    from mrcnn.model import MaskRCNN
-    from mrcnn.train import paper_schedule, read_log, train
-
     torch.set_num_threads(args.threads)
     torch.manual_seed(seed)  # the initial weights
     data = args.output_dir / "shapes"
@@ -397,8 +393,6 @@ def markdown(record: dict) -> str:
 
 def write_summary(args: argparse.Namespace, arms: list[str], errors: dict) -> dict:
     """Collect the finished records of every arm (not only this invocation's) and write the results."""
-    import torch
-
     settings = run_settings(args)
     records, missing = [], []
     for name in ARMS:
@@ -452,7 +446,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.processes < 1 or args.threads < 1 or args.iterations < 1:
         parser.error("--processes, --threads and --iterations must be >= 1")
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # before torch is imported
     try:
         arms = arms_for(args.table, args.arms)
     except ValueError as error:
@@ -460,8 +453,6 @@ def main(argv: list[str] | None = None) -> int:
 
     errors: dict = {}
     if not args.summarize_only:
-        from mrcnn.data.shapes import generate_shapes
-
         generate_shapes(args.output_dir / "shapes", args.num_train, args.num_val, seed=args.data_seed)
         settings = run_settings(args)
         jobs = [(arm, seed, args) for arm in arms for seed in args.seeds if finished(args.output_dir, arm, seed, settings) is None]

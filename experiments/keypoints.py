@@ -13,8 +13,8 @@ box AP and keypoint AP (OKS), plus mask AP for the arm with masks.
 Writes `experiments/results/keypoints.json` and `keypoints.md` (the numbers, the command, the
 machine); the runs (checkpoints, logs) go to `--output-dir` (default `runs/keypoints`).
 
-Horizontal flipping is off: the trainer's flip (mrcnn/data/coco.py `horizontal_flip`) mirrors
-boxes and masks but does not swap left and right keypoints (`mrcnn.data.keypoints.flip_keypoints`).
+Horizontal flipping is off: the trainer's flip (mrcnn/data/flip.py `horizontal_flip`) mirrors
+boxes and masks but does not swap left and right keypoints (`mrcnn.data.flip.flip_keypoints`).
 """
 
 from __future__ import annotations
@@ -28,19 +28,20 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from mrcnn.config import figures_small
+from mrcnn.data.keypoints import KeypointCocoDataset, generate_figures
+from mrcnn.evaluate import evaluate_keypoints
+from mrcnn.model import MaskRCNN
+from mrcnn.train import paper_schedule, read_log, train
+
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {"keypoints": False, "keypoints_and_masks": True}  # arm name -> with the mask branch
 
 
 def run_arm(name: str, args: argparse.Namespace) -> dict:
     """Train one arm and score it on the held-out figures."""
-    import torch
-
-    from mrcnn.config import figures_small
-    from mrcnn.data.keypoints import KeypointCocoDataset, evaluate_keypoints
-    from mrcnn.model import MaskRCNN
-    from mrcnn.train import paper_schedule, read_log, train
-
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     data = args.output_dir / "figures"
@@ -77,10 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per arm (the arms run in parallel)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-
-    import torch
-
-    from mrcnn.data.keypoints import generate_figures
 
     started = time.perf_counter()
     generate_figures(args.output_dir / "figures", args.num_train, args.num_val, seed=args.seed)

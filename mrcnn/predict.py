@@ -8,7 +8,9 @@ This module only adds the files around it:
 - `read_image`: a PNG or JPEG as a float `[3, H, W]` tensor in [0, 1]. The model takes RGB, so
   a grayscale, palette or RGBA picture is converted (RGBA by dropping the alpha channel), and
   the returned note says so.
-- `predict_files`: for each image, `<name>.png` with the detections drawn, and one
+- `predict_files`: for each image, `<stem>.pred.png` with the detections drawn (`picture_paths`:
+  `a.png` -> `a.pred.png`; inputs that share a stem, such as `a.png`, `a.jpg` and `sub/a.png`,
+  get `a.pred.png`, `a-2.pred.png`, `a-3.pred.png` in the order given), and one
   `detections.json` for all of them: per image its file, size and detections, each with
   "label", "category", "score", "box" (x1, y1, x2, y2 in pixels) and "mask" (COCO's
   run-length encoding of the binarized mask, readable with `pycocotools.mask.decode`).
@@ -25,7 +27,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
-from mrcnn.data.coco import image_to_tensor
+from mrcnn.data.images import image_to_tensor
+from mrcnn.visualize import detections_figure
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -74,15 +77,38 @@ def detections_to_json(detections: dict, class_names, score_threshold: float = 0
     return results
 
 
+def picture_paths(paths: list, output_dir: str | os.PathLike) -> list[Path]:
+    """Where `predict_files` draws each image: `<stem>.pred.png` in `output_dir`, one name per input.
+
+    Inputs that share a stem (compared without case, as some file systems do) are numbered in
+    the order given: `a.pred.png`, `a-2.pred.png`, ... A `ValueError` if a picture would be
+    written over one of the inputs (an input `a.pred.png` in `output_dir`, say).
+    """
+    output_dir, taken, pictures = Path(output_dir), set(), []
+    for path in paths:
+        stem = name = Path(path).stem
+        number = 2
+        while name.casefold() in taken:
+            name, number = f"{stem}-{number}", number + 1
+        taken.add(name.casefold())
+        pictures.append(output_dir / f"{name}.pred.png")
+    inputs = {Path(path).resolve(): path for path in paths}
+    for path, picture in zip(paths, pictures):
+        if picture.resolve() in inputs:
+            raise ValueError(f"the picture of {path} would be written over the input {inputs[picture.resolve()]}; "
+                             "choose another --output-dir")  # fmt: skip
+    return pictures
+
+
 def predict_files(model: torch.nn.Module, paths: list, output_dir: str | os.PathLike, class_names,
                   device: str | torch.device = "cpu", score_threshold: float = 0.5) -> list[dict]:  # fmt: skip
-    """Run `model` on image files; write `<name>.png` (drawn) per image and `detections.json` (all).
+    """Run `model` on image files; write `<stem>.pred.png` (drawn) per image and `detections.json` (all).
 
-    Every path is read (and checked) before the model runs. Returns the records written to the
-    JSON file; prints a note for each image converted to RGB.
+    Every path is read (and checked) and every output name chosen (`picture_paths`) before the
+    model runs. Returns the records written to the JSON file; prints a note for each image
+    converted to RGB.
     """
-    from mrcnn.visualize import detections_figure  # matplotlib loads slowly: only when drawing
-
+    pictures = picture_paths(paths, output_dir)
     images, notes = zip(*(read_image(path) for path in paths)) if paths else ((), ())
     for note in notes:
         if note:
@@ -93,11 +119,10 @@ def predict_files(model: torch.nn.Module, paths: list, output_dir: str | os.Path
     model.eval()
     records = []
     try:
-        for path, image in zip(paths, images):
+        for path, image, picture in zip(paths, images, pictures):
             with torch.inference_mode():
                 detections = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
             found = detections_to_json(detections, class_names, score_threshold)
-            picture = output_dir / f"{Path(path).stem}.png"
             figure = detections_figure([image], [detections], class_names, score_threshold, titles=[Path(path).name],
                                        size=max(3.0, min(10.0, image.shape[-1] / 100)))  # fmt: skip
             figure.savefig(picture, dpi=100)
