@@ -18,7 +18,8 @@
 # **Code:** `mrcnn/train.py` (the loop, the schedule, reproducible data order), the loss terms
 # in `mrcnn/rpn.py`, `mrcnn/box_head.py` and `mrcnn/mask_loss.py`, `mrcnn/checkpoint.py`.
 # **Proof:** `tests/test_train.py` (the schedule, the data order, a few steps lower the loss, a
-# resumed run equals an uninterrupted one, a non-finite loss stops the run),
+# resumed run equals an uninterrupted one, a non-finite loss stops the run, non-finite weights
+# are never saved),
 # `tests/test_ddp.py` (two processes give the weights of one), `tests/test_checkpoint.py`,
 # `tests/test_determinism.py` (the same seed gives the same bits).
 #
@@ -40,19 +41,28 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-from mrcnn.book import show_source
+from book_helpers import show_source
 from mrcnn.config import shapes_small
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.model import MaskRCNN
+from mrcnn.checkpoint import load_checkpoint
 from mrcnn.train import (
     GlobalBatchSampler,
+    NonFiniteError,
     TrainingImages,
+    TrainingLog,
     TrainSettings,
+    build_optimizer,
+    forward_backward,
     learning_rate_factor,
     paper_schedule,
     read_log,
+    resume_from_checkpoint,
     sampling_seed,
+    save_progress,
+    start_run,
     train,
+    update_weights,
 )
 from mrcnn.visualize import loss_curve_figure, training_samples_figure
 
@@ -248,12 +258,63 @@ assert repeated == first
 # %% [markdown]
 # ## The loop
 #
-# The library's training function, as it runs: the per-image losses, DistributedDataParallel
-# when launched by `torchrun`, the check for a non-finite loss before the weights change,
-# gradient clipping and mixed precision on a GPU, the log and the checkpoints.
+# The library's training function reads as the list of its steps; each step is a function of
+# `mrcnn/train.py`, shown below in the order it runs.
 
 # %%
 show_source(train)
+
+# %% [markdown]
+# **Starting a run.** Under `torchrun` each process joins the process group and takes its
+# device; the optimizer is the paper's SGD (momentum 0.9, weight decay $10^{-4}$) with the
+# schedule $lr(t)$ above as a multiplier, and a loss scaler that only fp16 training uses. A
+# resumed run reloads everything that decides the next step: the weights, the momentum
+# buffers, the schedule's position and the random generators. With several processes the model
+# is wrapped in `DistributedDataParallel`, which averages the gradients.
+
+# %%
+show_source(start_run, build_optimizer, resume_from_checkpoint)
+
+# %% [markdown]
+# **One step.** The $B$ images of a step run one at a time, each with its samplers seeded by
+# its position in the run; each image's loss is divided by $B$ before its backward pass, so
+# that the gradients add up to those of $L_{step}$. Under DDP the processes exchange gradients
+# once per step, with the last image (`no_sync` before it).
+
+# %%
+show_source(forward_backward)
+
+# %% [markdown]
+# **The update.** Only after the step's loss is known to be finite (in `train`): clip the
+# gradient norm if asked, take the SGD step, move the schedule on, clear the gradients.
+
+# %%
+show_source(update_weights)
+
+# %% [markdown]
+# **Checkpoints.** Every `checkpoint_every` steps and at the end, written atomically by the
+# first process. A finite loss does not make finite weights: one step with too large a rate can
+# send them to infinity, and the loss only turns NaN on the next step. So the weights are
+# checked before they are saved, and a run that diverges keeps its last finite checkpoint.
+# Here the rate jumps from 0.03 to $3 \times 10^{38}$ at step 2:
+
+# %%
+show_source(save_progress)
+diverging = TrainSettings(iterations=4, batch_size=2, lr=3e38, warmup_iterations=1, warmup_factor=1e-40,
+                          checkpoint_every=1)
+torch.manual_seed(0)
+try:
+    train(MaskRCNN(tiny), pictures, diverging, run_dir / "diverging", progress=False)
+except NonFiniteError as error:
+    print(f"{type(error).__name__}: {error}")
+print("checkpoint kept: step", load_checkpoint(run_dir / "diverging" / "checkpoint.pt")["step"])
+
+# %% [markdown]
+# **The log.** One JSON line per step: the rate, the loss and its five terms, and the seconds
+# since the start (which go on across a resumed run).
+
+# %%
+show_source(TrainingLog.write)
 
 # %% [markdown]
 # ## What to try next
