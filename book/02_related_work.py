@@ -39,7 +39,7 @@ import math
 import matplotlib.pyplot as plt
 import torch
 
-from mrcnn.book import show_source
+from book_helpers import show_source
 from mrcnn.boxes import BoxCoder, batched_nms, box_iou, nms
 from mrcnn.matcher import Matcher
 from mrcnn.roi_align import roi_pool

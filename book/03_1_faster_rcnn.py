@@ -45,9 +45,9 @@ from matplotlib.patches import Rectangle
 
 from mrcnn.anchors import AnchorGenerator, cell_anchors
 from mrcnn.backbone import Bottleneck, ResNet, resnet50, resnet_small
-from mrcnn.book import show_source
+from book_helpers import show_source
 from mrcnn.boxes import box_iou
-from mrcnn.data.coco import image_to_tensor
+from mrcnn.data.images import image_to_tensor
 from mrcnn.data.shapes import CATEGORY_NAMES, masks_to_boxes, render_image
 from mrcnn.fpn import FeaturePyramidNetwork
 from mrcnn.poolers import fpn_level

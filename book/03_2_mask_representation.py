@@ -41,7 +41,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # Triton's interpreter, before the kernel module is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from mrcnn.book import show_source
+from book_helpers import show_source
 from mrcnn.mask_head import MaskBranch
 from mrcnn.mask_loss import (
     gathered_mask_logits,

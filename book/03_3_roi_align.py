@@ -38,7 +38,6 @@
 # %matplotlib inline
 import os
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -49,7 +48,7 @@ if not torch.cuda.is_available():  # Triton's interpreter when there is no GPU, 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import mrcnn.roi_align_cpu as roi_align_cpu  # noqa: E402
-from mrcnn.book import show_source  # noqa: E402
+from book_helpers import repository_root, show_source  # noqa: E402
 from mrcnn.roi_align import bilinear_neighbours, roi_align_reference, roi_pool, roi_pool_bins, sampling_grid  # noqa: E402
 from mrcnn.poolers import MultiLevelRoIAlign, fpn_level, roi_align  # noqa: E402
 from mrcnn.visualize import roi_align_figure  # noqa: E402
@@ -285,7 +284,7 @@ for name, (seconds, _, _) in timings.items():
 # with torchvision's C++ kernel on the same two CPU cores. The recorded results:
 
 # %%
-results = Path("benchmarks/results/roi_align_cpu.md")
+results = repository_root() / "benchmarks" / "results" / "roi_align_cpu.md"
 display(Markdown(results.read_text() if results.is_file() else "(run `python benchmarks/roi_align.py` to record them)"))
 
 # %% [markdown]

@@ -49,7 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mrcnn.architectures import Res5Head, c4_heads, fpn_heads
 from mrcnn.backbone import res5_head
-from mrcnn.book import show_source
+from book_helpers import show_source
 from mrcnn.config import (
     PRESETS,
     MaskRCNNConfig,

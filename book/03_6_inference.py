@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.patches import Rectangle
 
-from mrcnn.book import show_source, trained_shapes_model
+from book_helpers import show_source, trained_shapes_model
 from mrcnn.box_head import detection_candidates, postprocess_detections, refine_boxes
 from mrcnn.boxes import batched_nms, box_iou
 from mrcnn.data.shapes import ShapesDataset

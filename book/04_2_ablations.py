@@ -41,7 +41,6 @@
 # %%
 # %matplotlib inline
 import json
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -49,7 +48,7 @@ import torch
 from IPython.display import Markdown, display
 from matplotlib.patches import Rectangle
 
-from mrcnn.book import show_source
+from book_helpers import repository_root, show_source
 from mrcnn.config import shapes_small
 from mrcnn.mask_loss import mask_loss, multinomial_mask_loss
 from mrcnn.architectures import mask_head_and_predictor
@@ -62,7 +61,7 @@ from mrcnn.roi_warp import quantize_rois, roi_warp
 torch.manual_seed(0)
 torch.set_num_threads(1)  # everything below is tiny
 
-results_path = Path("experiments/results/ablations.json")
+results_path = repository_root() / "experiments" / "results" / "ablations.json"
 results = json.loads(results_path.read_text()) if results_path.exists() else None
 if results is None:
     print(f"{results_path} is not there: run `python experiments/ablations.py` to make it. "

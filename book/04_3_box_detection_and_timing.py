@@ -36,17 +36,15 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 
-import mrcnn
-from mrcnn.book import show_source
+from book_helpers import repository_root, show_source
 from mrcnn.config import shapes_small
 from mrcnn.model import MaskRCNN
 
-ROOT = Path(mrcnn.__file__).resolve().parents[1]
+ROOT = repository_root()
 sys.path.insert(0, str(ROOT))  # the benchmarks live next to the library, outside the package
 from benchmarks import stages  # noqa: E402
 from benchmarks.common import benchmark_images  # noqa: E402

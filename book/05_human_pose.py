@@ -15,12 +15,12 @@
 #
 # **Paper:** section 5, "Mask R-CNN for Human Pose Estimation" (Tables 4 and 5).
 # **Code:** `mrcnn/keypoint_head.py` (targets, loss, head, decoding, the branch),
-# `mrcnn/data/keypoints.py` (a synthetic keypoint data set, COCO keypoint files, OKS evaluation),
-# `experiments/keypoints.py` (Table 4 in miniature).
+# `mrcnn/data/keypoints.py` (a synthetic keypoint data set, COCO keypoint files),
+# `mrcnn/evaluate.py` (OKS evaluation), `experiments/keypoints.py` (Table 4 in miniature).
 # **Proof:** `tests/test_keypoint_head.py` (targets by hand, an encode-decode round trip, the
 # loss on hand-made heatmaps, torchvision's functions, layers and whole Keypoint R-CNN on the
-# same weights, an overfit) and `tests/test_keypoints_data.py` (the data set, its COCO files,
-# OKS AP of 1 for the ground truth).
+# same weights, an overfit), `tests/test_keypoints_data.py` (the data set, its COCO files) and
+# `tests/test_evaluate.py` (OKS AP of 1 for the ground truth, and counted by hand for one figure).
 #
 # Mask R-CNN's mask branch predicts, for every RoI, an $M \times M$ grid. Section 5 shows that
 # the same machinery finds human keypoints with almost no change: "we model a keypoint's
@@ -40,14 +40,13 @@
 # %%
 import json
 import math
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mrcnn.book import show_source
+from book_helpers import repository_root, show_source
 from mrcnn.box_head import TrainingRoIs
 from mrcnn.data.keypoints import SIGMAS, SKELETON, FiguresDataset, KEYPOINT_NAMES
 from mrcnn.keypoint_head import (
@@ -350,7 +349,7 @@ plt.show()
 # $$\text{OKS}(d, g) = \frac{\sum_j \exp\left(-\frac{\lVert p^d_j - p^g_j \rVert^2}{2 s^2 k_j^2}\right) [v_j > 0]}{\sum_j [v_j > 0]}$$
 #
 # Keypoint AP is then AP with OKS in place of IoU, averaged over the thresholds 0.50 to 0.95.
-# `mrcnn.data.keypoints.keypoint_metrics` runs pycocotools' `COCOeval` with
+# `mrcnn.evaluate.keypoint_metrics` runs pycocotools' `COCOeval` with
 # `iouType="keypoints"` and the figures' sigmas (COCO's for the matching joint). For a figure of
 # 600 pixels of area (a 60-pixel figure, limbs 4 pixels thick), one keypoint's similarity falls
 # quickly with the error:
@@ -389,7 +388,7 @@ plt.show()
 # (`experiments/results/keypoints.json`) rather than training:
 
 # %%
-results_path = Path("experiments/results/keypoints.json")
+results_path = repository_root() / "experiments" / "results" / "keypoints.json"
 if results_path.exists():
     record = json.loads(results_path.read_text())
     print(f"{'arm':22s} {'box AP':>7s} {'kp AP':>7s} {'kp AP50':>8s} {'kp AP75':>8s} {'mask AP':>8s} {'train':>8s}")
@@ -412,7 +411,7 @@ else:
 # seed could change: one run does not settle whether the masks help at this scale.
 #
 # One practical detail: flipping images for augmentation must also swap left and right keypoints
-# (`mrcnn.data.keypoints.flip_keypoints` with `FLIP_INDEX`). The trainer's flip mirrors boxes and
+# (`mrcnn.data.flip.flip_keypoints` with `FLIP_INDEX`). The trainer's flip mirrors boxes and
 # masks only, so the experiment trains without flipping.
 #
 # ## What to try next
