@@ -38,6 +38,7 @@ from mrcnn.config import PRESETS
 from mrcnn.data.shapes import MANIFEST_NAME, foreign_files, generate_shapes
 from mrcnn.demo import DEMO_DEFAULTS, run_demo
 from mrcnn.evaluate import evaluate
+from mrcnn.export import OUTPUT_FILES, RUNTIME_NAME, export_onnx
 from mrcnn.jobs import (
     LOSS_CURVE_NAME,
     UsageError,
@@ -297,6 +298,39 @@ def add_demo_command(subcommands) -> None:
                         clip_grad_norm=DEMO_DEFAULTS["clip_grad_norm"], threads=DEMO_DEFAULTS["threads"])  # fmt: skip
 
 
+def run_export(args: argparse.Namespace) -> int:
+    """Export --weights for deployment into the folder --output: ONNX graphs (backbone, FPN and RPN head;
+    box head; mask head) that onnxruntime runs, and detector.py, the steps between them in numpy
+    (mrcnn/export.py). The folder runs without torch and without this library:
+    `python OUTPUT/detector.py picture.png`. An earlier export there is replaced only with --overwrite."""
+    if args.weights is None:
+        raise UsageError("export needs --weights (a checkpoint of ours or a torchvision state dict)")
+    directory = output_directory(args.output)
+    existing = [name for name in OUTPUT_FILES if (directory / name).exists()]
+    if existing and not args.overwrite:
+        raise UsageError(f"--output {directory} already holds {existing[0]}; pass --overwrite to replace it")
+    set_threads(args.threads)
+    model, _, _ = load_weights(args.weights, args.config)
+    try:
+        export_onnx(model, directory)
+    except ValueError as error:  # a model the export does not cover (keypoints, RoIPool, adaptive sampling)
+        raise UsageError(f"cannot export {args.weights}: {error}") from None
+    print(f"exported to {directory}: {', '.join(n for n in OUTPUT_FILES if (directory / n).exists())}")
+    print(f"run it with numpy and onnxruntime: python {directory / RUNTIME_NAME} picture.png")
+    return 0
+
+
+def add_export_command(subcommands) -> None:
+    parser = subcommands.add_parser("export", help="ONNX graphs and a numpy runner, for deployment", description=run_export.__doc__)
+    parser.add_argument("--weights", type=Path, default=None, help="a checkpoint of ours or a torchvision maskrcnn_resnet50_fpn state dict")
+    parser.add_argument("--output", type=Path, default=Path("runs/export"), help="the folder to write (default runs/export)")
+    parser.add_argument("--config", choices=sorted(PRESETS), default=None,
+                        help="the preset of a torchvision state dict (a checkpoint of ours brings its own)")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output")
+    parser.add_argument("--threads", type=count(1), default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.set_defaults(run=run_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mrcnn", description="Mask R-CNN, read and run.")
     subcommands = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command", required=True, parser_class=_Parser)
@@ -305,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_command(subcommands)
     add_predict_command(subcommands)
     add_demo_command(subcommands)
+    add_export_command(subcommands)
     return parser
 
 

@@ -66,6 +66,8 @@ VERSION = 1
 OPSET = 18
 GRAPHS = {"features": "features.onnx", "box_head": "box_head.onnx", "mask_head": "mask_head.onnx"}
 RUNTIME_NAME = "detector.py"
+CONFIG_NAME = "config.json"
+OUTPUT_FILES = (*GRAPHS.values(), CONFIG_NAME, RUNTIME_NAME)  # what an export may write into its folder
 
 
 class GatherRoIAlign(nn.Module):
@@ -242,6 +244,6 @@ def export_onnx(model: MaskRCNN, directory: str | Path, example_size: tuple[int,
         detections = torch.export.Dim("detections", min=2)
         export_graph(MaskGraph(model), (maps, boxes, labels), directory / GRAPHS["mask_head"], [*feature_names, "boxes", "labels"],
                      ["masks"], (map_shapes, {0: detections}, {0: detections}))  # fmt: skip
-    (directory / "config.json").write_text(json.dumps(runtime_config(model, feature_names), indent=2) + "\n")
+    (directory / CONFIG_NAME).write_text(json.dumps(runtime_config(model, feature_names), indent=2) + "\n")
     shutil.copyfile(export_runtime.__file__, directory / RUNTIME_NAME)
     return directory

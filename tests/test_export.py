@@ -15,12 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrcnn import export_runtime
+from mrcnn import cli, export_runtime
 from mrcnn.boxes import batched_nms, box_iou, clip_boxes
+from mrcnn.checkpoint import save_checkpoint
 from mrcnn.config import shapes_small
 from mrcnn.data.coco import CocoDataset
 from mrcnn.data.shapes import generate_shapes
-from mrcnn.export import RUNTIME_NAME, GatherRoIAlign, check_exportable, export_onnx
+from mrcnn.export import OUTPUT_FILES, RUNTIME_NAME, GatherRoIAlign, check_exportable
 from mrcnn.inference import paste_masks
 from mrcnn.model import MaskRCNN
 from mrcnn.poolers import MultiLevelRoIAlign
@@ -114,6 +115,27 @@ def test_runtime_imports_neither_torch_nor_mrcnn(tmp_path):
     assert found.stdout.strip() == "[]"
 
 
+# --- the command --------------------------------------------------------------------------------
+
+
+def test_export_command_refuses_what_is_not_a_checkpoint_in_one_line(tmp_path, capsys):
+    noise, state = tmp_path / "noise.pt", tmp_path / "state.pt"
+    noise.write_bytes(b"these bytes are no PyTorch file")
+    torch.save({"some": torch.zeros(3)}, state)  # a readable PyTorch file, but neither ours nor torchvision's
+    for weights in (noise, state, tmp_path / "missing.pt"):
+        assert cli.main(["export", "--weights", str(weights), "--output", str(tmp_path / "out")]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and error.startswith("mrcnn: error: ") and weights.name in error
+    assert not any((tmp_path / "out" / name).exists() for name in OUTPUT_FILES)
+
+
+def test_export_command_replaces_an_earlier_export_only_when_told(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text("{}")
+    assert cli.main(["export", "--weights", str(tmp_path / "any.pt"), "--output", str(tmp_path / "out")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
 # --- the whole model --------------------------------------------------------------------------------
 
 
@@ -156,8 +178,12 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.slow
 def test_exported_model_detects_what_the_model_detects_on_other_sizes(trained):
+    """`mrcnn export` traces the graphs on a 160 x 224 example (export_onnx's default); the pictures
+    here are other sizes, and smaller or larger than the preset's 128 (resized)."""
     model, dataset, root = trained
-    directory = export_onnx(model, root / "exported", example_size=(160, 224))
+    save_checkpoint(root / "checkpoint.pt", model, model.config, step=150)
+    directory = root / "exported"
+    assert cli.main(["export", "--weights", str(root / "checkpoint.pt"), "--output", str(directory)]) == 0
     assert {p.name for p in directory.iterdir()} >= {"features.onnx", "box_head.onnx", "mask_head.onnx", "config.json", RUNTIME_NAME}
     detector = export_runtime.Detector(directory)
     compared = 0
