@@ -186,6 +186,7 @@ elif DEMO_CHECKPOINT.is_file():
 else:
     weights = BOOK_RUNS / "fine_tuning" / "pretrained_shapes_small.pt"
     torch.save(trained_shapes_model(demo_checkpoint=None).state_dict(), weights)  # the book's cached short run
+    print("a weak starting point: `make demo` or `python experiments/transfer.py` trains a far better one")
 
 # %% [markdown]
 # ## Step 3: build for your classes, load what fits
