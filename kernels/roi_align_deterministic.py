@@ -21,8 +21,9 @@ channels-last buffer of `T` positions per image):
        weight      = w_a(y(p, i)) w_b(x(q, j)) / count
 
    A term that does not count (a sample more than a pixel outside the map, past its RoI's own
-   grid, or of a RoI whose image is missing) keeps the destination `N T`, past every position,
-   and weight 0.
+   grid, or of a RoI whose image or FPN level is missing) keeps the destination `N T`, past
+   every position, and weight 0. The samples and weights come from the same device functions as
+   the forward pass's (`roi_geometry`, `bilinear_axis` of kernels/roi_align_geometry.py).
 2. **Sort.** `torch.sort(destination, stable=True)` puts the terms of each position side by
    side, in the order of their slots: an order fixed by the RoIs alone. `searchsorted` gives
    position `t` its segment `[begin_t, end_t)` of the sorted slots.
@@ -45,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.roi_align import _bilinear_axis, _roi_geometry
+from kernels.roi_align_geometry import LaunchGeometry, bilinear_axis, kernel_arguments, roi_geometry
 
 # Triton's interpreter (no GPU) runs programs one after another, about 10 ms each: larger tiles there.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -55,16 +56,26 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def _roi_grid_kernel(
     rois_ptr,  # [R, 5] contiguous (batch_index, x1, y1, x2, y2)
     grid_ptr,  # [R, 2] float32 out: (g_h, g_w) of each RoI, 0 for one that pools nothing
-    num_images, positions_per_image, level_heights, level_widths, level_offsets, level_scales,  # as in
-    min_level, canonical_level, canonical_size, level_eps,  # kernels.roi_align._roi_geometry
-    NUM_LEVELS: tl.constexpr, POOLED_H: tl.constexpr, POOLED_W: tl.constexpr,
-    SAMPLING_RATIO: tl.constexpr, ALIGNED: tl.constexpr,
+    num_images,  # N
+    positions_per_image,  # T
+    level_heights,  # tuple of L ints: H_l
+    level_widths,  # tuple of L ints: W_l
+    level_offsets,  # tuple of L ints: T_l
+    level_scales,  # tuple of L floats: spatial scales s_l
+    level_numbers,  # tuple of L ints: FPN levels k_l of the maps
+    canonical_level,  # k0
+    canonical_size,  # s0
+    level_eps,  # eps of the level assignment
+    NUM_LEVELS: tl.constexpr,  # L
+    POOLED_H: tl.constexpr,  # P_h
+    POOLED_W: tl.constexpr,  # P_w
+    SAMPLING_RATIO: tl.constexpr,  # fixed g, or <= 0 for adaptive
+    ALIGNED: tl.constexpr,  # half-pixel offset
 ):
     roi = tl.program_id(0)
-    height, width, image_base, y_start, x_start, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
-        rois_ptr, roi, num_images, positions_per_image, level_heights, level_widths, level_offsets,
-        level_scales, min_level, canonical_level, canonical_size, level_eps,
-        NUM_LEVELS, POOLED_H, POOLED_W, SAMPLING_RATIO, ALIGNED,
+    height, width, image_base, y_start, x_start, bin_h, bin_w, grid_h, grid_w, count = roi_geometry(
+        rois_ptr, roi, num_images, positions_per_image, level_heights, level_widths, level_offsets, level_scales,
+        level_numbers, canonical_level, canonical_size, level_eps, NUM_LEVELS, POOLED_H, POOLED_W, SAMPLING_RATIO, ALIGNED,
     )
     tl.store(grid_ptr + roi * 2, grid_h)
     tl.store(grid_ptr + roi * 2 + 1, tl.where(grid_h > 0, grid_w, 0.0))
@@ -75,33 +86,43 @@ def _roi_align_terms_kernel(
     rois_ptr,  # [R, 5] contiguous (batch_index, x1, y1, x2, y2)
     destination_ptr,  # [R P_h P_w S 4] int64, filled with N T: written where a term counts
     weight_ptr,  # [R P_h P_w S 4] float32, filled with 0
-    num_images, positions_per_image, level_heights, level_widths, level_offsets, level_scales,  # as in
-    min_level, canonical_level, canonical_size, level_eps,  # kernels.roi_align._roi_geometry
     max_grid_w,  # G_w: samples per row of a bin's slots
     samples_per_bin,  # S = G_h G_w
     nowhere,  # N T, the destination of a term that does not count: after every position
-    NUM_LEVELS: tl.constexpr, POOLED_H: tl.constexpr, POOLED_W: tl.constexpr,
-    SAMPLING_RATIO: tl.constexpr, ALIGNED: tl.constexpr,
+    num_images,  # N
+    positions_per_image,  # T
+    level_heights,  # tuple of L ints: H_l
+    level_widths,  # tuple of L ints: W_l
+    level_offsets,  # tuple of L ints: T_l
+    level_scales,  # tuple of L floats: spatial scales s_l
+    level_numbers,  # tuple of L ints: FPN levels k_l of the maps
+    canonical_level,  # k0
+    canonical_size,  # s0
+    level_eps,  # eps of the level assignment
+    NUM_LEVELS: tl.constexpr,  # L
+    POOLED_H: tl.constexpr,  # P_h
+    POOLED_W: tl.constexpr,  # P_w
+    SAMPLING_RATIO: tl.constexpr,  # fixed g, or <= 0 for adaptive
+    ALIGNED: tl.constexpr,  # half-pixel offset
     BLOCK_BINS: tl.constexpr,  # bins per program
 ):
     roi = tl.program_id(0)
     bins = tl.program_id(1) * BLOCK_BINS + tl.arange(0, BLOCK_BINS)  # [BLOCK_BINS], bin p P_w + q
     bin_mask = bins < POOLED_H * POOLED_W
     p, q = (bins // POOLED_W).to(tl.float32), (bins % POOLED_W).to(tl.float32)
-    height, width, image_base, y_start, x_start, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
-        rois_ptr, roi, num_images, positions_per_image, level_heights, level_widths, level_offsets,
-        level_scales, min_level, canonical_level, canonical_size, level_eps,
-        NUM_LEVELS, POOLED_H, POOLED_W, SAMPLING_RATIO, ALIGNED,
+    height, width, image_base, y_start, x_start, bin_h, bin_w, grid_h, grid_w, count = roi_geometry(
+        rois_ptr, roi, num_images, positions_per_image, level_heights, level_widths, level_offsets, level_scales,
+        level_numbers, canonical_level, canonical_size, level_eps, NUM_LEVELS, POOLED_H, POOLED_W, SAMPLING_RATIO, ALIGNED,
     )
     first_slot = (roi.to(tl.int64) * (POOLED_H * POOLED_W) + bins) * samples_per_bin * 4  # [BLOCK_BINS]
     i = 0
     while i < grid_h:  # the samples of the forward pass, in its order
         y = y_start + p * bin_h + tl.div_rn((i + 0.5) * bin_h, grid_h)  # y(p, i)
-        y_low, y_high, hy, ly, y_inside = _bilinear_axis(y, height)
+        y_low, y_high, hy, ly, y_inside = bilinear_axis(y, height)
         j = 0
         while j < grid_w:
             x = x_start + q * bin_w + tl.div_rn((j + 0.5) * bin_w, grid_w)  # x(q, j)
-            x_low, x_high, hx, lx, x_inside = _bilinear_axis(x, width)
+            x_low, x_high, hx, lx, x_inside = bilinear_axis(x, width)
             counts = y_inside & x_inside
             slot = first_slot + (i * max_grid_w + j) * 4  # [BLOCK_BINS]
             row_low = image_base + y_low * width
@@ -155,18 +176,6 @@ def _segment_sum_kernel(
              mask=position_mask[:, None] & channel_mask[None, :])
 
 
-def _geometry_arguments(layout, settings: dict) -> tuple:
-    """The arguments `_roi_geometry` takes, from a `kernels.roi_align._Layout` and its settings."""
-    return (layout.num_images, layout.positions, layout.heights, layout.widths, layout.offsets,
-            settings["spatial_scales"], *settings["level_mapping"])  # fmt: skip
-
-
-def _geometry_constants(layout, settings: dict) -> dict:
-    pooled_h, pooled_w = settings["output_size"]
-    return dict(NUM_LEVELS=len(layout.heights), POOLED_H=pooled_h, POOLED_W=pooled_w,
-                SAMPLING_RATIO=settings["sampling_ratio"], ALIGNED=settings["aligned"])  # fmt: skip
-
-
 def _sum_tile(num_positions: int, channels: int, element_size: int) -> tuple[int, int]:
     """`(BLOCK_POS, BLOCK_C)` of the sum: as `kernels.roi_align._block_sizes`, a row of 16 bytes per
     thread of a warp and about 1024 values per tile on a GPU; up to 2^16 values under the interpreter."""
@@ -175,38 +184,37 @@ def _sum_tile(num_positions: int, channels: int, element_size: int) -> tuple[int
     return block_pos, block_c
 
 
-def _largest_grid(rois: Tensor, layout, settings: dict) -> tuple[int, int]:
+def _largest_grid(rois: Tensor, geometry: LaunchGeometry) -> tuple[int, int]:
     """`(G_h, G_w)`: the sampling grid of every RoI fits in it. Adaptive sampling: one synchronization."""
-    if settings["sampling_ratio"] > 0:
-        return settings["sampling_ratio"], settings["sampling_ratio"]
+    if geometry.sampling_ratio > 0:
+        return geometry.sampling_ratio, geometry.sampling_ratio
     grids = torch.zeros(rois.shape[0], 2, dtype=torch.float32, device=rois.device)  # [R, 2]
-    _roi_grid_kernel[(rois.shape[0],)](rois, grids, *_geometry_arguments(layout, settings),
-                                       **_geometry_constants(layout, settings), num_warps=1)  # fmt: skip
+    _roi_grid_kernel[(rois.shape[0],)](rois, grids, **kernel_arguments(geometry), num_warps=1)
     largest_h, largest_w = grids.amax(dim=0).tolist()  # the synchronization
     return max(int(largest_h), 1), max(int(largest_w), 1)
 
 
-def deterministic_backward(rois: Tensor, grad_pooled: Tensor, layout, settings: dict) -> Tensor:
+def deterministic_backward(rois: Tensor, grad_pooled: Tensor, geometry: LaunchGeometry) -> Tensor:
     """dL/dF of `kernels.roi_align` in a fixed order: `[N, T, C]` float32, bit-identical run to run.
 
-    rois `[R, 5]` contiguous; grad_pooled `[R, C, P_h, P_w]` (any strides), the gradient of the
-    output; layout: the forward pass's `_Layout`; settings: its settings dict.
+    rois `[R, 5]` contiguous, float32 or the features' dtype; grad_pooled `[R, C, P_h, P_w]` (any
+    strides), the gradient of the output; geometry: the forward pass's `LaunchGeometry`.
     """
     # check (done by the forward pass) -> allocate
-    pooled_h, pooled_w = settings["output_size"]
-    num_rois, channels, bins = rois.shape[0], layout.channels, pooled_h * pooled_w
-    num_positions = layout.num_images * layout.positions  # N T
+    num_rois, channels = rois.shape[0], geometry.channels
+    bins = geometry.pooled_height * geometry.pooled_width
+    num_positions = geometry.num_images * geometry.positions  # N T
     device = grad_pooled.device
     if num_rois == 0 or num_positions == 0:
-        return torch.zeros(layout.num_images, layout.positions, channels, device=device)
-    largest_h, largest_w = _largest_grid(rois, layout, settings)
+        return torch.zeros(geometry.num_images, geometry.positions, channels, device=device)
+    largest_h, largest_w = _largest_grid(rois, geometry)
     samples = largest_h * largest_w  # S
     destination = torch.full((num_rois * bins * samples * 4,), num_positions, dtype=torch.int64, device=device)
     weight = torch.zeros(destination.shape, dtype=torch.float32, device=device)
     block_bins = min(triton.next_power_of_2(bins), 1024 if _INTERPRETED else 256)
     _roi_align_terms_kernel[(num_rois, triton.cdiv(bins, block_bins))](
-        rois, destination, weight, *_geometry_arguments(layout, settings), largest_w, samples, num_positions,
-        **_geometry_constants(layout, settings), BLOCK_BINS=block_bins, num_warps=4,
+        rois, destination, weight, largest_w, samples, num_positions, **kernel_arguments(geometry),
+        BLOCK_BINS=block_bins, num_warps=4,
     )
     # sort: each position's terms side by side, in slot order; then each position's segment
     sorted_destination, order = torch.sort(destination, stable=True)  # [E] each
@@ -218,4 +226,4 @@ def deterministic_backward(rois: Tensor, grad_pooled: Tensor, layout, settings: 
     grid = (triton.cdiv(num_positions, block_pos), triton.cdiv(channels, block_c))
     _segment_sum_kernel[grid](grad_rows, order, weight, bounds, grad, num_positions, channels, samples * 4,
                               BLOCK_POS=block_pos, BLOCK_C=block_c, num_warps=4)  # fmt: skip
-    return grad.view(layout.num_images, layout.positions, channels)  # [N, T, C]
+    return grad.view(geometry.num_images, geometry.positions, channels)  # [N, T, C]

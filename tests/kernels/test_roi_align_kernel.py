@@ -94,10 +94,11 @@ def test_linear_ramp_from_the_definition(device, aligned):
 
 
 def fpn_level_float64(rois, min_level, max_level):
-    """FPN eq. 1 in float64: floor(4 + log2(sqrt(w h) / 224) + 1e-6), clamped."""
+    """FPN eq. 1 in float64: floor(4 + log2(sqrt(w h) / 224) + 1e-6), clamped; no area: the finest level."""
     levels = []
     for _, x1, y1, x2, y2 in rois.double().tolist():
-        k = math.floor(4 + math.log2(math.sqrt((x2 - x1) * (y2 - y1)) / 224) + 1e-6)
+        area = (x2 - x1) * (y2 - y1)
+        k = math.floor(4 + math.log2(math.sqrt(area) / 224) + 1e-6) if area > 0 else min_level
         levels.append(min(max(k, min_level), max_level))
     return levels
 
@@ -251,8 +252,8 @@ def _bad_inputs():
     yield "batch index", features, torch.tensor([[0.5, 1.0, 1.0, 5.0, 5.0]])
     yield "finite", features, torch.tensor([[0, 1.0, float("nan"), 5.0, 5.0]])
     yield "finite", features, torch.tensor([[0, 1.0, 1.0, float("inf"), 5.0]])
-    yield "same dtype", features, rois.double()
-    yield "same dtype", features.half(), rois
+    yield "float32 or the features' dtype", features, rois.double()
+    yield "float32 or the features' dtype", features, rois.half()  # (float32 rois with 16-bit features are fine)
     yield "float32, float16 or bfloat16", features.double(), rois.double()
     yield "float32, float16 or bfloat16", features.long(), rois
     yield "\\[N, C, H, W\\]", features[0], rois
@@ -267,6 +268,80 @@ def test_bad_input_raises_before_launch(message, features, rois, monkeypatch):
         roi_align(features, rois, 2)
     with pytest.raises(ValueError, match=message):
         multi_level_roi_align([features, features], rois, 2, [1.0, 0.5])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_empty_batch(device, deterministic, monkeypatch):
+    """No image at all (N = 0) and no RoI: `[0, C, P, P]` and a gradient of the maps' shape, no launch."""
+    monkeypatch.setattr(kernel_module, "_roi_align_kernel", _NoLaunch())
+    features = [torch.randn(0, 3, 8, 10, device=device, requires_grad=True), torch.randn(0, 3, 4, 5, device=device, requires_grad=True)]
+    rois = torch.zeros(0, 5, device=device)
+    out = roi_align(features[0], rois, (2, 3), 0.5, deterministic=deterministic)
+    assert out.shape == (0, 3, 2, 3)
+    (grad,) = torch.autograd.grad(out, features[0], torch.ones_like(out))
+    assert grad.shape == (0, 3, 8, 10)
+    out = multi_level_roi_align(features, rois, 2, [0.25, 0.125], deterministic=deterministic)
+    assert out.shape == (0, 3, 2, 2)
+    grads = torch.autograd.grad(out, features, torch.ones_like(out))
+    assert [tuple(g.shape) for g in grads] == [(0, 3, 8, 10), (0, 3, 4, 5)]
+
+
+def pooled_with_missing_levels(features, rois, strides, output_size, sampling_ratio, aligned):
+    """The definition, one RoI at a time: FPN eq. 1 in float64, clamped to the first and last maps'
+    levels; the reference on the map of that level, or zeros where the strides skip it."""
+    levels = [round(math.log2(s)) for s in strides]
+    pooled = []
+    for r, level in enumerate(fpn_level_float64(rois, levels[0], levels[-1])):
+        if level in levels:
+            index = levels.index(level)
+            pooled.append(roi_align_reference(features[index], rois[r : r + 1], output_size, 1 / strides[index], sampling_ratio, aligned))
+        else:
+            pooled.append(features[0].new_zeros(1, features[0].shape[1], *output_size))
+    return torch.cat(pooled)  # [R, C, P_h, P_w]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("strides", [(8, 32), (4, 16, 32)])
+def test_strides_that_skip_a_level_pool_zeros(device, strides, deterministic):
+    """Levels 3 and 5 (or 2, 4, 5): a RoI whose level has no map pools zeros and gets no gradient."""
+    features = [torch.randn(2, 3, 128 // s, 160 // s, device=device) for s in strides]
+    rois = torch.tensor([
+        [0, 4.0, 4.0, 40.0, 50.0],  # sqrt(area) 41: k = 1, clamped to the first map
+        [1, 3.0, 5.0, 115.0, 117.0],  # 112: k = 3
+        [0, 1.0, 2.0, 225.0, 226.0],  # 224: k = 4
+        [1, -50.0, -40.0, 300.0, 310.0],  # 350: k = 4
+        [0, 0.0, 0.0, 460.0, 460.0],  # 460: k = 5
+        [1, -100.0, -100.0, 1000.0, 900.0],  # 1049: k = 6, clamped to the last map
+        [0, 8.0, 8.0, 8.0, 8.0],  # an empty box: the first map
+    ], device=device)  # fmt: skip
+    levels = [round(math.log2(s)) for s in strides]
+    expected_levels = [min(max(k, levels[0]), levels[-1]) for k in (1, 3, 4, 4, 5, 6)]
+    assert fpn_level_float64(rois[:6], levels[0], levels[-1]) == expected_levels
+    missing = [k not in levels for k in expected_levels] + [False]
+    assert any(missing) and not all(missing)
+    grad_output = torch.randn(7, 3, 2, 3, device=device)
+    args = ((2, 3), [1 / s for s in strides], 2, True)
+    out, grads = pooled_and_grads(multi_level_roi_align, features, rois, grad_output, *args, levels[0], deterministic=deterministic)
+    maps = [f.detach().requires_grad_() for f in features]
+    expected = pooled_with_missing_levels(maps, rois, strides, (2, 3), 2, True)
+    expected_grads = torch.autograd.grad(expected, maps, grad_output)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[torch.tensor(missing)], torch.zeros_like(out[torch.tensor(missing)]))
+    assert out[~torch.tensor(missing)].abs().amax(dim=(1, 2, 3)).gt(0).all()  # the others pool something
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+    # and mrcnn's MultiLevelRoIAlign on its PyTorch path, which the model takes without a GPU
+    pooler = MultiLevelRoIAlign((2, 3), strides=strides, sampling_ratio=2, aligned=True)
+    torch.testing.assert_close(out, pooler([f.detach() for f in features], rois, use_kernel=False), atol=1e-5, rtol=1e-5)
+
+
+def test_spatial_scales_must_be_finest_first():
+    features, rois = torch.randn(1, 3, 8, 8), torch.tensor([[0, 1.0, 1.0, 5.0, 5.0]])
+    for scales in ([0.5, 1.0], [0.5, 0.5], [0.25, 0.2]):  # coarser first, the same level twice (0.2: level 2 again)
+        with pytest.raises(ValueError, match="finest first"):
+            multi_level_roi_align([features, features], rois, 2, scales)
 
 
 def test_bad_settings_raise():
