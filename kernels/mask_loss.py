@@ -168,8 +168,12 @@ def _block_size(work: int, gpu_block: int) -> int:
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_inputs(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor) -> None:
-    """ValueError naming the problem, before any launch (same rules as the reference)."""
+def _check_inputs(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor, validate: bool) -> None:
+    """ValueError naming the problem, before any launch (same rules as the reference).
+
+    Shapes, dtypes and devices are checked from metadata alone. With `validate`, the values too
+    (labels in `[0, K)`, targets in `[0, 1]`): one host synchronisation on CUDA when all is well.
+    """
     if not isinstance(mask_logits, Tensor) or mask_logits.dim() != 4 or mask_logits.shape[2] != mask_logits.shape[3]:
         raise ValueError(f"mask_logits must be [R, K, M, M], got shape {tuple(getattr(mask_logits, 'shape', ()))}")
     if mask_logits.dtype not in _SUPPORTED:
@@ -188,7 +192,7 @@ def _check_inputs(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor) -> 
         raise ValueError(f"mask_targets must be float, uint8 or bool, got {mask_targets.dtype}")
     if labels.device != mask_logits.device or mask_targets.device != mask_logits.device:
         raise ValueError("mask_logits, labels and mask_targets must be on one device")
-    if num_rois == 0:
+    if not validate or num_rois == 0:
         return
     bad_labels = (labels < 0) | (labels >= num_classes)
     bad_targets = ~((mask_targets >= 0) & (mask_targets <= 1))
@@ -253,14 +257,21 @@ class _MaskLoss(torch.autograd.Function):
         return _backward(grad_pixels, labels, grad_loss, ctx.shape, ctx.dtype), None, None
 
 
-def mask_loss(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor) -> Tensor:
+def mask_loss(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor, validate: bool = True) -> Tensor:
     """L_mask with the fused kernels; the signature and result of `mrcnn.mask_loss.mask_loss_reference`.
 
     mask_logits `[R, K, M, M]` float32 / float16 / bfloat16 (any strides), labels `[R]` integer in
     `[0, K)`, mask_targets `[R, M, M]` float / uint8 / bool in `[0, 1]` -> scalar float32.
     R = 0 gives a zero that still backpropagates (a zero gradient), as torchvision does.
+
+    `validate=True` (the default) checks the values of labels and targets before the launch,
+    which reads a result back to the host: one synchronisation on CUDA. `validate=False` checks
+    shapes, dtypes and devices only and never synchronises (the model's labels and targets are
+    valid by construction). Then a target outside `[0, 1]` enters the formula as it is (the loss
+    is no longer bounded below), and a label outside `[0, K)` reads outside the logits: the
+    caller guarantees the labels.
     """
-    _check_inputs(mask_logits, labels, mask_targets)
+    _check_inputs(mask_logits, labels, mask_targets, validate)
     if mask_logits.shape[0] == 0:
         return mask_logits.sum().float() * 0
     return _MaskLoss.apply(mask_logits, labels.to(torch.int64).contiguous(), mask_targets)

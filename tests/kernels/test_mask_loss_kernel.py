@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels.mask_loss as kernel_module
 from kernels.mask_loss import mask_loss as mask_loss_kernel
@@ -183,3 +184,60 @@ def test_bad_inputs_raise_before_any_launch(monkeypatch, change, message):
     logits, labels, targets = make_case(3, 4, 14, torch.float32, "cpu")
     with pytest.raises(ValueError, match=message):
         mask_loss_kernel(*change(logits, labels, targets))
+
+
+METADATA_CHANGES = [  # what validate=False still checks: shapes, dtypes, devices (no value read)
+    (lambda x, l, t: (x, l[:2], t), "entries"),
+    (lambda x, l, t: (x, l, t[:, :13]), "mask_targets must be"),
+    (lambda x, l, t: (x.double(), l, t), "float32, float16 or bfloat16"),
+    (lambda x, l, t: (x, l.float(), t), "integer"),
+    (lambda x, l, t: (x[:, :, :13], l, t), "\\[R, K, M, M\\]"),
+]
+
+
+@pytest.mark.parametrize("change, message", METADATA_CHANGES)
+def test_without_validation_metadata_is_still_checked(monkeypatch, change, message):
+    monkeypatch.setattr(kernel_module, "_forward", lambda *args, **kwargs: pytest.fail("a kernel was launched"))
+    logits, labels, targets = make_case(3, 4, 14, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=message):
+        mask_loss_kernel(*change(logits, labels, targets), validate=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_without_validation_values_are_not_checked(device):
+    """A target of 1.5 raises by default; with validate=False it enters the formula, as in the reference's."""
+    logits, labels, targets = make_case(3, 4, 14, torch.float32, device)
+    targets[1, 2, 3] = 1.5
+    with pytest.raises(ValueError, match="outside \\[0, 1\\]"):
+        mask_loss_kernel(logits, labels, targets)
+    loss, grad = loss_and_grad(lambda *a: mask_loss_kernel(*a, validate=False), logits, labels, targets)
+    expected_loss, expected_grad = loss_and_grad(lambda *a: mask_loss_reference(*a, validate=False), logits, labels, targets)
+    torch.testing.assert_close(loss, expected_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad * targets.numel(), expected_grad * targets.numel(), atol=1e-6, rtol=1e-5)
+
+
+class HostReads(TorchDispatchMode):
+    """Records the operators that read a tensor's value back to the host (a synchronisation on a GPU)."""
+
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_without_validation_nothing_is_read_back(device):
+    logits, labels, targets = make_case(5, 3, 14, torch.float32, device)
+    for validate, reads in ((True, 1), (False, 0)):  # the check's one read, or none at all
+        x = logits.clone().requires_grad_()
+        with HostReads() as recorder:
+            loss = mask_loss_kernel(x, labels, targets, validate=validate)
+            loss.backward()
+        assert len(recorder.seen) == reads, (validate, recorder.seen)
+        torch.testing.assert_close(loss, mask_loss_reference(logits, labels, targets))
