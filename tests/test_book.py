@@ -49,6 +49,7 @@ CHAPTERS = [
     "04_2_ablations.py",
     "04_3_box_detection_and_timing.py",
     "05_human_pose.py",
+    "07_fine_tuning.py",
     "06_inspecting.py",
     "appendix_kernels.py",
 ]
