@@ -15,10 +15,14 @@
 #
 # **Paper:** appendix to section 3 ("RoIAlign", and "Network Architecture" for the FPN levels);
 # the paper's own implementation was Caffe2 on GPUs, this book's is OpenAI Triton.
-# **Code:** `kernels/roi_align.py` (RoIAlign and multi-level RoIAlign, forward and backward).
+# **Code:** `kernels/roi_align.py` (RoIAlign and multi-level RoIAlign, forward and backward),
+# `kernels/roi_align_geometry.py` (the geometry it shares with the fixed-order backward of
+# `kernels/roi_align_deterministic.py`).
 # **Proof:** `tests/kernels/test_roi_align_kernel.py` (the kernels against
 # `mrcnn/roi_align.py`'s readable reference, outputs and gradients, on odd shapes, degenerate
-# boxes, both `aligned` modes, fixed and adaptive sampling, float32 and float16, and bad input).
+# boxes, an empty batch, strides that skip a level, both `aligned` modes, fixed and adaptive
+# sampling, float32 and float16, and bad input) and `tests/kernels/test_roi_align_mixed_precision.py`
+# (float32 boxes with 16-bit features).
 # **Speed:** `benchmarks/roi_align.py`, results in `benchmarks/results/`.
 #
 # The chapters explain *what* the network computes with readable PyTorch. This appendix is about
@@ -45,8 +49,9 @@ from matplotlib import patches
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels.roi_align as roi_align_kernels
+import kernels.roi_align_geometry as geometry_helpers
 from kernels.roi_align import multi_level_roi_align, roi_align
-from mrcnn.book import show_source
+from book_helpers import repository_root, show_source
 from mrcnn.roi_align import roi_align_reference
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,7 +77,9 @@ _ = torch.manual_seed(0)
 # the reference). With FPN the map is the one of level
 #
 # $$k_r = \Big\lfloor k_0 + \log_2 \frac{\sqrt{(x_2 - x_1)(y_2 - y_1)}}{224} + \epsilon \Big\rfloor,
-#   \text{ clamped to the levels there are}.$$
+#   \text{ clamped to the first and last levels there are};$$
+#
+# a RoI whose level has no map (strides 8 and 32 skip level 4) pools zeros, as in torchvision.
 #
 # **Backward.** The output is *linear* in $F$: each output is a weighted sum of feature values,
 # with weights that depend on the RoI only. The gradient of the loss with respect to $F$ is the
@@ -122,19 +129,26 @@ for head, rois, pooled in (("box head", 1024, 7), ("mask head", 256, 14)):
 # Level $l$ of image $n$ occupies positions $T_l \dots T_l + H_l W_l - 1$ of the image's $T =
 # \sum_l H_l W_l$ positions, each position holding $C$ contiguous channels: $F_l[n, c, y, x]$ is
 # at `buffer[n, T_l + y W_l + x, c]`.
+#
+# Where each map lies in the buffer is part of the call's `LaunchGeometry`: one named tuple that
+# the public functions build once from the maps' shapes and the settings, and that the launchers
+# spell out as the kernels' arguments. It lives in `kernels/roi_align_geometry.py`, beside `pack`
+# and `unpack`, because the fixed-order backward (`kernels/roi_align_deterministic.py`) walks the
+# same buffer.
 
 # %%
-show_source(roi_align_kernels._Layout)
+show_source(geometry_helpers.LaunchGeometry, geometry_helpers.launch_geometry, geometry_helpers.pack, geometry_helpers.unpack)
 
 # %%
 tiny_pyramid = [torch.randn(2, 3, 16 // 2**level, 24 // 2**level) for level in range(3)]  # P2-P4 of a 64 x 96 image
-layout = roi_align_kernels._Layout(tiny_pyramid)
-packed = layout.pack(tiny_pyramid)  # [N, T, C]
-print("heights", layout.heights, "widths", layout.widths, "offsets T_l", layout.offsets, "T", layout.positions)
+geometry = geometry_helpers.launch_geometry(tiny_pyramid, (2, 2), [1 / 4, 1 / 8, 1 / 16], 2, False, min_level=2)
+packed = geometry_helpers.pack(tiny_pyramid, geometry)  # [N, T, C]
+print("heights", geometry.heights, "widths", geometry.widths, "offsets T_l", geometry.offsets, "T", geometry.positions,
+      "levels", geometry.levels)
 print("packed", tuple(packed.shape), "contiguous:", packed.is_contiguous())
 level, n, c, y, x = 1, 1, 2, 3, 5
-assert packed[n, layout.offsets[level] + y * layout.widths[level] + x, c] == tiny_pyramid[level][n, c, y, x]
-assert all(torch.equal(a, b) for a, b in zip(layout.unpack(packed), tiny_pyramid))  # views back, no copy
+assert packed[n, geometry.offsets[level] + y * geometry.widths[level] + x, c] == tiny_pyramid[level][n, c, y, x]
+assert all(torch.equal(a, b) for a, b in zip(geometry_helpers.unpack(packed, geometry), tiny_pyramid))  # views back, no copy
 
 # %% [markdown]
 # ### What one program computes
@@ -214,23 +228,27 @@ program_grid_figure()
 # %% [markdown]
 # ### The kernel
 #
-# Two helpers and one kernel. `_bilinear_axis` is the reference's `bilinear_neighbours` for a
-# vector of samples; `_roi_geometry` reads the RoI, picks its level and computes $y_{start}$,
-# $b_h$, $g_h$ and the count; the kernel loops over the samples. Forward and backward walk the
+# Two helpers and one kernel. `bilinear_axis` is the reference's `bilinear_neighbours` for a
+# vector of samples; `roi_geometry` reads the RoI, picks its level and computes $y_{start}$,
+# $b_h$, $g_h$ and the count (both helpers are in `kernels/roi_align_geometry.py`, shared with
+# the fixed-order backward); the kernel loops over the samples. Forward and backward walk the
 # same samples, so they are one kernel with a `BACKWARD` switch: it loads (forward) or
 # atomically adds into (backward) the same four addresses.
 
 # %%
-show_source(roi_align_kernels._bilinear_axis.fn, roi_align_kernels._roi_geometry.fn, roi_align_kernels._roi_align_kernel.fn)
+show_source(geometry_helpers.bilinear_axis.fn, geometry_helpers.roi_geometry.fn, roi_align_kernels._roi_align_kernel.fn)
 
 # %% [markdown]
 # Details that make it match the reference to float rounding, and stay safe:
 #
 # - **Coordinates in float32**, whatever the feature dtype, computed in the reference's order
-#   of operations. The divisions use `tl.div_rn` (correctly rounded): the adaptive
-#   $g_h = \lceil h / P_h \rceil$ jumps at integers, so $14 / 7$ must be exactly 2.
-# - **The level by counting**: $k$ is compared with each level above the finest, so a box
-#   of zero area, or a NaN, lands on the finest level instead of an undefined integer.
+#   of operations, from float32 boxes when the features are 16-bit (mixed precision keeps box
+#   geometry in float32: a box at $x = 1330.3$ would be $1328$ in bfloat16). The divisions use
+#   `tl.div_rn` (correctly rounded): the adaptive $g_h = \lceil h / P_h \rceil$ jumps at
+#   integers, so $14 / 7$ must be exactly 2.
+# - **The level by clamping and matching**: $k$ is clamped to the first and last maps' levels
+#   and compared with the level of each map (a box of zero area lands on the first). Where no
+#   map has level $k$, the RoI gets no samples: zeros forward, nothing backward.
 # - **int64 offsets**: $N T C$ passes $2^{31}$ from about 94 images of $800 \times 1344$ with 256
 #   channels (an evaluation batch, or larger images), so positions are 64-bit before they are
 #   multiplied by $C$.
@@ -287,6 +305,15 @@ pooled = multi_level_roi_align(pyramid_maps, boxes, 2, [1 / s for s in strides],
 expected = torch.cat([roi_align_reference(pyramid_maps[k - 2], boxes[r : r + 1], 2, 1 / strides[k - 2], 2) for r, k in enumerate(levels)])
 torch.testing.assert_close(pooled, expected)
 print("multi-level: largest difference", (pooled - expected).abs().max().item())
+
+# %% [markdown]
+# With the P2 and P4 maps only (strides 4 and 16), the 112 x 112 box belongs to level 3, which is
+# not there: it pools zeros. The others are pooled as before, from the maps of their levels.
+
+# %%
+gapped = multi_level_roi_align([pyramid_maps[0], pyramid_maps[2]], boxes, 2, [1 / 4, 1 / 16], 2, False)
+print("largest value per RoI:", [round(v, 3) for v in gapped.abs().amax(dim=(1, 2, 3)).tolist()])
+assert torch.equal(gapped[1], torch.zeros_like(gapped[1])) and torch.equal(gapped[[0, 2, 3]], pooled[[0, 2, 3]])
 
 # %% [markdown]
 # ### A handful of operations, no synchronization
@@ -425,9 +452,8 @@ print("bit-identical:", torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs
 
 # %%
 import json
-from pathlib import Path
 
-for path in sorted((Path(fused.__file__).resolve().parents[1] / "benchmarks" / "results").glob("mask_loss_*.json")):
+for path in sorted((repository_root() / "benchmarks" / "results").glob("mask_loss_*.json")):
     result = json.loads(path.read_text())
     print(f"{path.name}: {result['meta']['device']}, torch {result['meta']['torch']}, {result['meta']['command']}")
     for row in result["rows"]:
@@ -443,4 +469,5 @@ for path in sorted((Path(fused.__file__).resolve().parents[1] / "benchmarks" / "
 #   predictor's weight and the RoI's 256 feature maps, and writes the loss and the gradients of
 #   features and weight; compare with the batched matrix product.
 # - Count the synchronizations of `kernels.mask_loss.mask_loss` with the operation recorder used
-#   for RoIAlign above: the input check's one, and nothing else?
+#   for RoIAlign above: the input check's one with the default `validate=True`, none with
+#   `validate=False`?
