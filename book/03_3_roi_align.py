@@ -337,10 +337,14 @@ import kernels.roi_align as roi_align_kernels  # noqa: E402  (after TRITON_INTER
 print(roi_align_kernels.__doc__)
 
 # %% [markdown]
-# and these are its `@triton.jit` functions, as they are in the file:
+# and these are its `@triton.jit` functions, as they are in the files: the kernel, and the geometry
+# it shares with the deterministic backward (`kernels/roi_align_geometry.py`):
 
 # %%
-jitted = [value.fn for value in vars(roi_align_kernels).values() if getattr(getattr(value, "fn", None), "__module__", None) == roi_align_kernels.__name__]
+import kernels.roi_align_geometry as roi_align_geometry  # noqa: E402
+
+jitted = [value.fn for module in (roi_align_kernels, roi_align_geometry) for value in vars(module).values()
+          if getattr(getattr(value, "fn", None), "__module__", None) == module.__name__]  # fmt: skip
 show_source(*jitted)
 
 # %% [markdown]
