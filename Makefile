@@ -45,7 +45,7 @@ $(TV_STAMP): pyproject.toml
 	test -x $(TV_PY) || $(PYTHON) -m venv $(TV_VENV)
 	$(TV_PY) -m pip install -q --upgrade pip
 	$(TV_PY) -m pip install -q $(TORCH_VISION_PAIR)
-	$(TV_PY) -m pip install -q -e ".[test]"
+	$(TV_PY) -m pip install -q -e ".[test,docs]"   # as in $(VENV): pytest collects every test module
 	touch $(TV_STAMP)
 
 demo: $(STAMP)
