@@ -194,7 +194,7 @@ def runtime_config(model: MaskRCNN, feature_names: list[str]) -> dict:
     """What `export_runtime` reads: the transform's sizes, the thresholds of the RPN and the box branch."""
     transform, rpn, box = model.transform, model.rpn, model.box_branch
     return {
-        "format": FORMAT, "version": VERSION, "graphs": {k: v for k, v in GRAPHS.items() if k != "mask_head" or model.mask_branch},
+        "format": FORMAT, "version": VERSION, "graphs": {k: v for k, v in GRAPHS.items() if k != "mask_head" or model.mask_branch is not None},
         "feature_names": feature_names,
         "min_size": transform.min_size[-1], "max_size": transform.max_size, "size_divisible": transform.size_divisible,
         "image_mean": list(transform.image_mean), "image_std": list(transform.image_std),
