@@ -322,7 +322,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 def add_export_command(subcommands) -> None:
     parser = subcommands.add_parser("export", help="ONNX graphs and a numpy runner, for deployment", description=run_export.__doc__)
-    parser.add_argument("--weights", type=Path, default=None, help="a checkpoint of ours or a torchvision maskrcnn_resnet50_fpn state dict")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="a checkpoint of ours or a torchvision maskrcnn_resnet50_fpn state dict")  # fmt: skip
     parser.add_argument("--output", type=Path, default=Path("runs/export"), help="the folder to write (default runs/export)")
     parser.add_argument("--config", choices=sorted(PRESETS), default=None,
                         help="the preset of a torchvision state dict (a checkpoint of ours brings its own)")  # fmt: skip

@@ -92,7 +92,8 @@ class GatherRoIAlign(nn.Module):
     def __init__(self, pooler: nn.Module):
         super().__init__()
         if not isinstance(pooler, MultiLevelRoIAlign):
-            raise ValueError(f"export needs RoIAlign poolers, got {type(pooler).__name__} (the RoIPool/RoIWarp ablations do not export)")
+            raise ValueError(f"export needs RoIAlign poolers, got {type(pooler).__name__} "
+                             "(the RoIPool and RoIWarp ablations do not export)")
         if pooler.sampling_ratio <= 0:
             raise ValueError("export needs a fixed roi_sampling_ratio: adaptive sampling sizes each RoI's grid by its values")
         if len(pooler.map_of_level) != len(pooler.levels):
@@ -116,7 +117,8 @@ class GatherRoIAlign(nn.Module):
             x_low, x_high, hx, lx, x_inside = bilinear_neighbours(x, width)  # each [R, P, G]
             y_keep, x_keep = (y_inside & y_used).to(rois.dtype), (x_inside & x_used).to(rois.dtype)  # 0: no contribution
             start = first_row + image * (height * width)  # [R, 1, 1]: the RoI's image on this level
-            found = ((start + y_low * width, start + y_high * width), (x_low, x_high), (hy * y_keep, ly * y_keep), (hx * x_keep, lx * x_keep))
+            found = ((start + y_low * width, start + y_high * width), (x_low, x_high),  # rows, columns
+                     (hy * y_keep, ly * y_keep), (hx * x_keep, lx * x_keep))  # y and x weights
             if index == 0:
                 rows, columns, y_weights, x_weights = found
             else:  # the RoIs of this level take its values
@@ -159,7 +161,8 @@ class BoxGraph(nn.Module):
     def __init__(self, model: MaskRCNN):
         super().__init__()
         branch = model.box_branch
-        self.pooler, self.head, self.predictor, self.box_coder = GatherRoIAlign(branch.pooler), branch.head, branch.predictor, branch.box_coder
+        self.pooler, self.head, self.predictor = GatherRoIAlign(branch.pooler), branch.head, branch.predictor
+        self.box_coder = branch.box_coder
 
     def forward(self, features: list[Tensor], proposals: Tensor) -> tuple[Tensor, Tensor]:
         """The RoI maps and proposals `[R, 4]` -> boxes `[R, K, 4]` (one per class) and probabilities `[R, K]`."""
@@ -194,7 +197,8 @@ def runtime_config(model: MaskRCNN, feature_names: list[str]) -> dict:
     """What `export_runtime` reads: the transform's sizes, the thresholds of the RPN and the box branch."""
     transform, rpn, box = model.transform, model.rpn, model.box_branch
     return {
-        "format": FORMAT, "version": VERSION, "graphs": {k: v for k, v in GRAPHS.items() if k != "mask_head" or model.mask_branch is not None},
+        "format": FORMAT, "version": VERSION,
+        "graphs": {name: file for name, file in GRAPHS.items() if name != "mask_head" or model.mask_branch is not None},
         "feature_names": feature_names,
         "min_size": transform.min_size[-1], "max_size": transform.max_size, "size_divisible": transform.size_divisible,
         "image_mean": list(transform.image_mean), "image_std": list(transform.image_std),
