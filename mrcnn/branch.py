@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mrcnn.box_head import TrainingRoIs, boxes_to_rois
+from mrcnn.box_head import TrainingRoIs, pool_rois
 
 
 class RoIBranch(nn.Module):
@@ -36,7 +36,7 @@ class RoIBranch(nn.Module):
 
     def head_features(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
         """The head's output for the boxes `[R_i, 4]` of every image: pool, then the head."""
-        return self.head(self.pooler(features, boxes_to_rois(boxes)))  # [R, C, P, P] -> the head's output
+        return self.head(pool_rois(self.pooler, features, boxes))  # [R, C, P, P] -> the head's output
 
     def logits(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
         """The predictor's logits for the boxes `[R_i, 4]` of every image."""
