@@ -439,7 +439,7 @@ plt.show()
 # Table 2a (FPN's 33.6 mask AP against C4's 30.3 at ResNet-50) and for `experiments/ablations.py`
 # on the shapes.
 #
-# ## What $M = 14$ costs against $M = 28$
+# ## What a mask of 14 × 14 costs against 28 × 28
 #
 # The C4 head predicts $14 \times 14$ masks, the FPN head $28 \times 28$. Before any learning,
 # the mask size bounds what a model can draw: the training target of a RoI is the object's mask

@@ -95,7 +95,7 @@ plt.show()
 print("keypoints:", ", ".join(KEYPOINT_NAMES))
 
 # %% [markdown]
-# ## The target: one pixel out of $56^2$
+# ## The target: one pixel out of 56 × 56
 #
 # A RoI $(x_1, y_1, x_2, y_2)$ of width $w$ and height $h$ is divided into $M \times M$ cells.
 # The keypoint $(x, y)$ of the RoI's matched object falls in cell

@@ -130,7 +130,7 @@ show_source(inspect_input)
 input_figure(inspection)
 
 # %% [markdown]
-# ## Feature maps: the backbone's $C_2 \ldots C_5$ and the FPN's $P_2 \ldots P_6$
+# ## Feature maps: the backbone's C2 to C5 and the FPN's P2 to P6
 #
 # The norm over channels at each position. The backbone's maps halve in size at every stage
 # (strides 4 to 32); the FPN adds the top-down pathway, so that every $P_k$ has $C$ channels and
@@ -258,7 +258,7 @@ show_source(inspect_mask_branch)
 mask_targets_figure(inspection, class_names=class_names)
 
 # %% [markdown]
-# ## The $28 \times 28$ mask logits
+# ## The 28 × 28 mask logits
 #
 # The best detection's $K$ mask logits, one map per class (red positive, blue negative), and
 # the sigmoid of the detected class's map (starred): only that one is used. The background's
