@@ -68,8 +68,8 @@ _ = torch.manual_seed(0)
 # From instance masks the semantic map follows, $S(p) = c_i$ for the instance $i$ that covers
 # pixel $p$ (0 where none does); the converse fails: where two objects of one class touch or
 # overlap, $S$ has one region and no way to say where one ends. Mask R-CNN solves the instance
-# task; semantic segmentation is the contrasting task, not one of its goals (one of the
-# readers' notes this book started from lists it as a goal).
+# task; semantic segmentation is the contrasting task, not one of its goals (it is easily
+# mistaken for one).
 #
 # The book's data are synthetic: shapes of four classes (circle, square, triangle, star) on
 # textured backgrounds, drawn by `mrcnn/data/shapes.py` in a few milliseconds, with the

@@ -109,8 +109,8 @@ show_source(roi_pool_bins)
 # $$\text{out}[r, c, p, q] = \frac{1}{g_h g_w} \sum_{i, j}
 #   \operatorname{bilinear}\big(F[n_r, c], y(p, i), x(q, j)\big).$$
 #
-# **Max or average?** One set of reading notes for this project says RoIAlign takes the *max* of
-# its four samples. The paper leaves the choice open ("aggregate the result (using max or
+# **Max or average?** It is tempting to read RoIAlign as taking the *max* of its four samples, as
+# RoIPool takes the max of its bin. The paper leaves the choice open ("aggregate the result (using max or
 # average)") and Table 2c reports RoIAlign with both: the two are nearly equal, and both far
 # above RoIPool. The implementations that followed (Detectron, torchvision, and this library)
 # average, which also makes RoIAlign linear in the features (used below for the fast path).

@@ -146,8 +146,8 @@ for name, model in models.items():
         print(f"  FPN ({fpn_flops[name] / 1e9:.0f} GFLOPs): " + ", ".join(f"P{i + 2} {shape(p)}" for i, p in enumerate(pyramid)))
 
 # %% [markdown]
-# For this image C5 is $2048 \times 25 \times 38$. (A reader's note that "the image is converted
-# ... to a feature map of shape 32x32x2048" describes a $1024 \times 1024$ input: the map is
+# For this image C5 is $2048 \times 25 \times 38$. (A C5 of "32x32x2048", a size easily taken for the rule,
+# describes a $1024 \times 1024$ input: the map is
 # always the image divided by the stride, 32 for C5.) The C4 trunk stops at
 # $1024 \times 50 \times 76$.
 #

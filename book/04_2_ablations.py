@@ -334,7 +334,7 @@ print("FPN level of these boxes (eq. 1 of the FPN paper):",
 # RoIAlign on C4 (stride 16) and C5 (stride 32), single maps, and why we do too: only there
 # does the rounding bite. (The paper reports a smaller gain with FPN: +1.5 mask AP.)
 #
-# One reader's note on RoIAlign says "the max of these 4 values is taken". The paper tried both
+# RoIAlign is easily misread as taking the max of its four samples. The paper tried both
 # the max and the average of the four samples (Table 2c: 30.2 and 30.3 AP) and uses the
 # average; so does this library, and so does RoIWarp here (the paper's RoIWarp rows: 27.2 max,
 # 27.1 average).

@@ -142,7 +142,7 @@ plt.show()
 # synchronized 8-GPU implementation (0.72s per 16-image mini-batch), and 44 hours with
 # ResNet-101-FPN."
 #
-# The abstract's "5 fps", which readers' notes repeat, is these 195 + 15 ms: about 4.8 images a
+# The abstract's "5 fps", easily read as a property of the method, is these 195 + 15 ms: about 4.8 images a
 # second, on a 2017 GPU. It is a measurement of one implementation on one machine, not a
 # property of the method; the tables below are the same kind of measurement on a 2-core CPU.
 #

@@ -149,8 +149,8 @@ feature_maps_figure(inspection)
 # At each position of each level the RPN places $A = 3$ anchors (aspect ratios 1:2, 1:1, 2:1)
 # of one size per level, from $P_2$ (the smallest, 8 pixels in the small preset; 32 in the
 # paper) to $P_6$ (the largest). The picture shows the anchors of every level at the image's
-# centre, and the legend counts the anchors of each level. A reader's note on the paper says the
-# RPN is fed "only the lowest-level feature map from the FPN": as the figure shows, every level
+# centre, and the legend counts the anchors of each level. It is tempting to think that the RPN reads
+# only the lowest (finest) level of the FPN: as the figure shows, every level
 # $P_2 \ldots P_6$ has anchors and objectness scores. The RPN's head runs on all of them with
 # shared weights; it is each *RoI* that later takes its features from one level only.
 #
