@@ -227,8 +227,50 @@ def test_evaluate_box_only_model_and_refusals(shapes_val):
     assert set(metrics) == {"bbox"} and metrics["bbox"]["AP"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="train=False"):
         evaluate(BoxesOnly(shapes_val), CocoDataset(shapes_val.image_dir, shapes_val.annotation_file, train=True))
-    with pytest.raises(ValueError, match="CocoDataset"):
-        evaluate(BoxesOnly(shapes_val), [shapes_val[0]])
+    with pytest.raises(ValueError, match="amp must be one of"):
+        evaluate(BoxesOnly(shapes_val), shapes_val, amp="fp8")
+
+
+# --- any data set: the ground truth built from its targets ----------------------------------------
+
+
+class Nudged(GroundTruthModel):
+    """The ground truth, with every other detection moved right by 3 pixels and its mask by 3 columns:
+    an imperfect model, so that the scores below are not all 1."""
+
+    def forward(self, images):
+        detections = []
+        for detection in super().forward(images):
+            boxes, masks = detection["boxes"].clone(), detection["masks"].clone()
+            boxes[::2, 0::2] += 3
+            masks[::2] = masks[::2].roll(3, dims=-1)
+            detections.append({**detection, "boxes": boxes, "masks": masks})
+        return detections
+
+
+def torchvision_style(dataset) -> list:
+    """The data set as a plain list of (image, target), targets with only torchvision's keys (image_id a tensor)."""
+    pairs = []
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        kept = {k: target[k] for k in ("boxes", "labels", "masks", "keypoints") if k in target}
+        pairs.append((image, {**kept, "image_id": torch.tensor([target["image_id"]])}))
+    return pairs
+
+
+def test_a_plain_list_is_scored_as_its_coco_file_scores_it(shapes_val):
+    pairs = torchvision_style(shapes_val)
+    from_file = evaluate(Nudged(shapes_val), shapes_val, progress=False, verbose=False)
+    from_targets = evaluate(Nudged(shapes_val), pairs, batch_size=2, progress=False, verbose=False)
+    assert 0.2 < from_file["segm"]["AP"] < 0.95 and 0.2 < from_file["bbox"]["AP"] < 0.95  # an imperfect model
+    for iou_type in ("bbox", "segm"):
+        assert from_targets[iou_type] == pytest.approx(from_file[iou_type]), iou_type
+
+    boxes_only = [(image, {k: v for k, v in target.items() if k != "masks"}) for image, target in pairs]
+    metrics = evaluate(GroundTruthModel(shapes_val), boxes_only, progress=False, verbose=False)
+    assert set(metrics) == {"bbox"} and metrics["bbox"]["AP"] == pytest.approx(1.0)  # no masks to score masks against
+    with pytest.raises(ValueError, match="image id 1 appears twice"):
+        evaluate(GroundTruthModel(shapes_val), [pairs[0], pairs[0]], progress=False, verbose=False)
 
 
 # --- keypoints: OKS (section 5) ----------------------------------------------------------------
@@ -290,3 +332,18 @@ def test_evaluate_keypoints_runs_a_model_and_scores_boxes_masks_and_keypoints(fi
     assert model.training  # mode restored
     assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)
     assert metrics["keypoints"]["AP"] == pytest.approx(1.0)
+    assert evaluate(model, torch.utils.data.Subset(dataset, [0, 1]), progress=False, verbose=False)["keypoints"]["AP"] == 1
+
+
+class WithSigmas(list):
+    sigmas = None
+
+
+def test_keypoints_of_a_plain_list_are_scored_with_its_sigmas(figures_root):
+    dataset = figures_val(figures_root)
+    pairs = WithSigmas(torchvision_style(dataset))
+    with pytest.raises(ValueError, match="needs one OKS sigma per keypoint"):  # 11 keypoints: COCO's 17 sigmas do not fit
+        evaluate(GroundTruthModel(dataset), list(pairs), progress=False, verbose=False)
+    pairs.sigmas = dataset.sigmas
+    metrics = evaluate(GroundTruthModel(dataset), pairs, progress=False, verbose=False)
+    assert metrics["keypoints"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)
