@@ -56,6 +56,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mrcnn.checkpoint import load_checkpoint, load_model_state, save_checkpoint, set_rng_states
+from mrcnn.data.coco import DatasetError
 from mrcnn.data.flip import horizontal_flip
 
 PAPER_ITERATIONS, PAPER_BATCH_SIZE, PAPER_LR, PAPER_DECAY_AT = 160_000, 16, 0.02, (0.75,)  # 120k of 160k
@@ -72,6 +73,10 @@ class NonFiniteLossError(NonFiniteError):
 
 class NonFiniteWeightsError(NonFiniteError):
     """The weights became NaN or infinite in an update (a finite loss, too large a step); they were not saved."""
+
+
+class UnreadableDataError(DatasetError):
+    """An image or annotation of a step could not be read: the run stopped there, with the steps before it saved."""
 
 
 @dataclass(frozen=True)
@@ -173,7 +178,9 @@ class TrainingImages(torch.utils.data.Dataset):
     """A data set read by key `(step, position, epoch, index)`, flipped as a function of (seed, epoch, index).
 
     dataset: gives `(image [3, H, W], target)` for an index, without augmentation of its own
-    (a `CocoDataset` built with `train=False`, or a `ShapesDataset`).
+    (a `CocoDataset` built with `train=False`, or a `ShapesDataset`). An index it cannot read (a
+    `DatasetError`, which names the file) gives `(key, None, message)`: returned, not raised, so
+    that the trainer gets the one line from a DataLoader worker too, not the worker's traceback.
     """
 
     def __init__(self, dataset, seed: int = 0, flip: bool = True):
@@ -186,7 +193,10 @@ class TrainingImages(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int, int, int]) -> tuple[tuple, torch.Tensor, dict]:
         _, _, epoch, index = key
-        image, target = self.dataset[index]
+        try:
+            image, target = self.dataset[index]
+        except DatasetError as error:  # a file broken since start-up, or never checked (verify_images=False)
+            return key, None, str(error)
         if self.flip and np.random.default_rng((self.seed, epoch, index)).random() < 0.5:
             image, target = horizontal_flip(image, target)
         return key, image, target
@@ -231,7 +241,9 @@ def train(model: nn.Module, dataset, settings: TrainSettings, output_dir: str | 
     and each loss term (means over the batch), "seconds" since the start}. resume: continue from
     `output_dir/checkpoint.pt` when it exists. Raises `NonFiniteLossError` when a step's loss is
     not finite, before the weights change, and `NonFiniteWeightsError` when the weights stop
-    being finite, before they are saved; the last checkpoint is kept either way. metadata: saved
+    being finite, before they are saved; the last checkpoint is kept either way. An image or
+    annotation that cannot be read stops the run before its step with an `UnreadableDataError`
+    naming the file, after saving the steps done before it. metadata: saved
     in the checkpoints for whoever uses the weights (e.g. {"category_names": [...]}). Returns a
     summary dict. The steps are the functions below, in the order they run.
     """
@@ -240,6 +252,9 @@ def train(model: nn.Module, dataset, settings: TrainSettings, output_dir: str | 
     with TrainingLog(run, progress) as log:
         for keys, images, targets in loader:
             step = keys[0][0]  # 0-based; the record and the checkpoint count steps done, step + 1
+            unreadable = [message for image, message in zip(images, targets) if image is None]
+            if unreadable:
+                raise stop_on_unreadable_data(run, step, unreadable[0])
             losses = forward_backward(run, keys, images, targets)  # the gradients of L_step, in .grad
             log.write(step + 1, run.optimizer.param_groups[0]["lr"], losses)
             if not all(math.isfinite(value) for value in losses.values()):
@@ -376,8 +391,9 @@ def update_weights(run: Run) -> None:
     run.optimizer.zero_grad(set_to_none=True)
 
 
-def save_progress(run: Run, steps: int) -> None:
-    """Write the checkpoint of `steps` steps (rank 0; the other processes wait for it).
+def save_progress(run: Run, steps: int, alone: bool = False) -> None:
+    """Write the checkpoint of `steps` steps (rank 0; the other processes wait for it). `alone`: this
+    process writes it and waits for no one (it stops on its own; the weights are the same in every one).
 
     A model whose weights are no longer finite is not saved: `NonFiniteWeightsError`, and the last
     checkpoint stays as it was.
@@ -386,12 +402,25 @@ def save_progress(run: Run, steps: int) -> None:
     if not torch.stack([torch.isfinite(value).all() for value in weights]).all():
         raise NonFiniteWeightsError(stopped(run, steps, "the weights are not finite after this step's update; "
                                                         "they were not saved"))  # fmt: skip
-    if run.rank == 0:
+    if run.rank == 0 or alone:
         save_checkpoint(run.checkpoint_path, run.model, run.model.config, steps, run.optimizer, run.scheduler,
                         run.scaler, dataclasses.asdict(run.settings), run.metadata)  # fmt: skip
     run.last_saved = steps
-    if run.world_size > 1:
+    if run.world_size > 1 and not alone:
         dist.barrier()
+
+
+def stop_on_unreadable_data(run: Run, steps: int, message: str) -> UnreadableDataError:
+    """The error of a run whose next step has data that cannot be read (`message` names the file),
+    once the `steps` steps done are saved: nothing already trained is lost."""
+    if steps > run.last_saved:
+        save_progress(run, steps, alone=True)
+    if steps:
+        done = f"{steps} step" + ("s" if steps > 1 else "")
+        what = f"the checkpoint of the {done} done is {run.checkpoint_path}: fix the file, then continue with --resume"
+    else:
+        what = "no step was done (no checkpoint): fix the file, then start again"
+    return UnreadableDataError(f"step {steps + 1}: {message}; training stopped, and {what}")
 
 
 def stopped(run: Run, step: int, what: str) -> str:

@@ -1,6 +1,7 @@
-"""Training: the schedule, the sharded data order, learning, exact resumption, non-finite losses."""
+"""Training: the schedule, the sharded data order, learning, exact resumption, non-finite losses, unreadable data."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ import torch
 
 from mrcnn.checkpoint import load_checkpoint
 from mrcnn.config import shapes_small
-from mrcnn.data.shapes import ShapesDataset
+from mrcnn.data.coco import CocoDataset
+from mrcnn.data.shapes import ShapesDataset, generate_shapes
 from mrcnn.model import MaskRCNN
 from mrcnn.train import (
     GlobalBatchSampler,
@@ -16,6 +18,7 @@ from mrcnn.train import (
     NonFiniteWeightsError,
     TrainingImages,
     TrainSettings,
+    UnreadableDataError,
     learning_rate_factor,
     paper_schedule,
     train,
@@ -183,3 +186,32 @@ def test_resuming_with_fewer_iterations_than_done_is_refused(tmp_path):
     fewer = TrainSettings(**{**settings.__dict__, "iterations": 1})
     with pytest.raises(ValueError, match="has done 2 steps, more than the 1 iterations asked for"):
         train(tiny_model(), data, fewer, tmp_path, resume=True, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools, numpy 2
+def test_an_unreadable_image_stops_the_run_after_saving_the_steps_done(tmp_path):
+    """A file that breaks after start-up (or was never checked, verify_images=False) stops the run before
+    its step, with the steps done saved, so that fixing the file and resuming loses nothing."""
+    paths = generate_shapes(tmp_path / "data", num_train=4, num_val=0, workers=1, **TINY_DRAW)
+    data = CocoDataset(paths.train_images, paths.train_annotations, verify_images=False)
+    settings = TrainSettings(iterations=4, batch_size=2, lr=0.01, warmup_iterations=0, checkpoint_every=100)
+    second_step = int(np.random.default_rng((0, 0)).permutation(4)[2])  # an image of step 2 (epoch 0, seed 0)
+    path = paths.train_images / f"{second_step:06d}.png"
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UnreadableDataError, match=rf"step 2: image file {re.escape(str(path))} \(image id {second_step + 1}\) "
+                       r"cannot be read: image file is truncated; training stopped, and the checkpoint of the 1 step done"):  # fmt: skip
+        train(tiny_model(), data, settings, tmp_path / "run", progress=False)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 1
+    assert [r["step"] for r in read_log(tmp_path / "run" / "log.jsonl")] == [1]
+
+    path.write_bytes(whole)  # fixed: the run goes on from its checkpoint
+    summary = train(tiny_model(), data, settings, tmp_path / "run", resume=True, progress=False)
+    assert summary["resumed_from"] == 1 and load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 4
+
+    path.write_bytes(whole[: len(whole) // 2])
+    seed_1 = TrainSettings(**{**settings.__dict__, "seed": 1})  # reads that image in its first step
+    assert second_step in np.random.default_rng((1, 0)).permutation(4)[:2]
+    with pytest.raises(UnreadableDataError, match=r"step 1: .*no step was done \(no checkpoint\)"):
+        train(tiny_model(), data, seed_1, tmp_path / "first", progress=False)
+    assert not (tmp_path / "first" / "checkpoint.pt").exists()
