@@ -13,8 +13,12 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from mrcnn.data import CocoDataset, DatasetError, coco2017, collate, horizontal_flip
+from mrcnn.data.coco import rle_run_lengths
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools, numpy 2
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # pycocotools, numpy 2
+    pytest.mark.filterwarnings("ignore:.*the category ids .* are not 1:UserWarning"),  # the tiny file's 11, 3, 7
+]
 
 H, W = 20, 30
 
@@ -209,6 +213,20 @@ def annotation(data, annotation_id):
     return next(a for a in data["annotations"] if a["id"] == annotation_id)
 
 
+def skip_warnings(record) -> list[str]:
+    """The warnings about skipped annotations (the tiny file also gets one about its category ids)."""
+    return [str(w.message) for w in record if "skipped" in str(w.message)]
+
+
+def compressed(mask: np.ndarray) -> str:
+    return mask_utils.encode(np.asfortranarray(mask))["counts"].decode()
+
+
+OTHER_SIZE = compressed(np.ones((10, 10), dtype=np.uint8))  # 100 pixels, for a 20 x 30 image
+TOO_LARGE = compressed(blob(0, 2, 0, 2).repeat(2, axis=0))  # 40 x 30: 1200 pixels
+NEGATIVE_RUN = "5M" + compressed(COMPRESSED_MASK)[2:]  # 'M' is -3: the runs read 5, -3, ...
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
@@ -231,6 +249,19 @@ def annotation(data, annotation_id):
         (lambda d: d["images"][1].pop("height"), "image #1 needs"),
         (lambda d: d["images"].append(dict(d["images"][0])), "image id 1 is repeated"),
         (lambda d: d.pop("categories"), "needs a JSON object with lists 'images' and 'categories'"),
+        (lambda d: d.update(categories=[]), "'categories' is empty: a data set needs at least one category"),
+        (lambda d: d.update(images=[], annotations=[]), "'images' is empty"),
+        (lambda d: annotation(d, 101).update(id=0), "annotation id 0: COCO's evaluation reads id 0 as 'no match'"),
+        (lambda d: annotation(d, 101).update(segmentation=[2, 2, 12, 2, 12, 10]), "annotation id 101: .*one flat list"),
+        (lambda d: annotation(d, 301)["segmentation"].update(counts=OTHER_SIZE),
+         r"annotation id 301: compressed RLE counts cover 100 pixels, but its size \[20, 30\] has 600"),
+        (lambda d: annotation(d, 301)["segmentation"].update(counts=TOO_LARGE), "annotation id 301: .*cover 1200 pixels"),
+        (lambda d: annotation(d, 301)["segmentation"].update(counts="garbage!!"),
+         "annotation id 301: RLE counts 'garbage!!' are not a compressed COCO RLE"),
+        (lambda d: annotation(d, 301)["segmentation"].update(counts=compressed(COMPRESSED_MASK) + "o"),
+         "annotation id 301: .* are not a compressed COCO RLE"),  # 'o' says another character follows: none does
+        (lambda d: annotation(d, 301)["segmentation"].update(counts="été"), "annotation id 301: .* not a compressed"),
+        (lambda d: annotation(d, 301)["segmentation"].update(counts=NEGATIVE_RUN), "annotation id 301: .* not a compressed"),
     ],
 )
 def test_broken_annotation_file_names_file_and_entry(tmp_path, edit, message):
@@ -275,8 +306,8 @@ def test_degenerate_boxes_are_skipped_and_counted_once(tmp_path):
 
     with pytest.warns(UserWarning) as record:
         dataset = break_with(tmp_path, flatten)
-    assert len(record) == 1
-    message = str(record[0].message)
+    assert len(skip_warnings(record)) == 1
+    message = skip_warnings(record)[0]
     assert "instances_tiny.json: skipped 2 of 5 annotations: 2 with a box of no width or height" in message
     assert "(ids 101, 201)" in message
     assert dataset[0][1]["labels"].tolist() == [3] and len(dataset[1][1]["labels"]) == 0
@@ -300,17 +331,70 @@ def test_empty_short_or_outside_polygons_are_skipped_and_counted(tmp_path):
 
     with pytest.warns(UserWarning) as record:
         dataset = break_with(tmp_path, spoil)
-    assert len(record) == 1
-    assert "skipped 3 of 5 annotations: 3 with no polygon of 3+ points inside the image (ids 101, 102, 201)" in str(
-        record[0].message
+    assert len(skip_warnings(record)) == 1
+    assert "skipped 3 of 5 annotations: 3 with no polygon of 3+ points inside the image (ids 101, 102, 201)" in (
+        skip_warnings(record)[0]
     )
     assert len(dataset[0][1]["labels"]) == 0 and len(dataset[1][1]["labels"]) == 0
 
 
-def test_good_file_gives_no_warning(tiny):
+def renumber_categories(data):
+    """The tiny file with its categories 3, 7, 11 numbered 1, 2, 3."""
+    new_id = {3: 1, 7: 2, 11: 3}
+    for item in data["categories"] + data["annotations"]:
+        key = "id" if "name" in item else "category_id"
+        item[key] = new_id[item[key]]
+
+
+def test_good_file_gives_no_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        CocoDataset(*tiny)
+        CocoDataset(*write_dataset(tmp_path, renumber_categories))
+
+
+def test_category_ids_other_than_1_to_k_are_mapped_and_said_so_once(tmp_path):
+    with pytest.warns(UserWarning) as record:
+        dataset = CocoDataset(*write_dataset(tmp_path))
+    assert len(record) == 1
+    assert "instances_tiny.json: the category ids (3, 7, 11) are not 1..3; the model's labels 1..3 stand for them" in (
+        str(record[0].message)
+    )
+    assert dataset.label_to_category_id == {1: 3, 2: 7, 3: 11}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CocoDataset(*write_dataset(tmp_path), contiguous_labels=False)  # the labels are the ids: nothing mapped
+        many = CocoDataset(*write_dataset(tmp_path / "many", renumber_categories))
+    assert many.label_to_category_id == {1: 1, 2: 2, 3: 3}
+
+
+def test_annotation_file_with_a_byte_order_mark_is_read(tmp_path):
+    images, annotation_file = write_dataset(tmp_path)
+    annotation_file.write_text("\ufeff" + annotation_file.read_text(), encoding="utf-8")  # as Windows tools write
+    assert len(CocoDataset(images, annotation_file)) == 4
+
+
+def test_training_set_with_nothing_to_train_on_is_refused(tmp_path):
+    def crowds_only(data):
+        for item in data["annotations"]:
+            item["iscrowd"] = 1
+
+    images, annotation_file = write_dataset(tmp_path, crowds_only)
+    assert len(CocoDataset(images, annotation_file)) == 4  # to evaluate on: fine
+    with pytest.raises(DatasetError, match="instances_tiny.json: none of its 4 images has an object to train on"):
+        CocoDataset(images, annotation_file, remove_images_without_annotations=True)
+
+
+@pytest.mark.parametrize("height, width", [(20, 30), (1, 1), (7, 1), (257, 131), (1200, 900)])
+def test_run_lengths_of_compressed_rle_are_those_pycocotools_decodes(height, width):
+    """Random masks (blobs and noise, so runs long and short, rising and falling: positive and negative
+    differences, numbers of one to five characters), against the run lengths of the decoded mask."""
+    rng = np.random.default_rng(height * width)
+    for density in (0.0, 0.02, 0.5, 0.98, 1.0):
+        mask = (rng.random((height, width)) < density).astype(np.uint8)
+        mask[: height // 2, : width // 3] = 1
+        counts = compressed(mask)
+        decoded = mask_utils.decode({"size": [height, width], "counts": counts})
+        assert rle_run_lengths(counts) == uncompressed_rle(decoded)["counts"]
 
 
 @pytest.mark.torchvision

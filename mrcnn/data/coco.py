@@ -13,12 +13,14 @@ left out of the training targets, and COCOeval treats them as "ignore" regions w
                           "area": float32 [G]}
 
 Category ids of COCO run 1..90 with gaps; labels are contiguous, 1..K-1 in the order of the
-category ids, with 0 the background (`label_to_category_id` maps back for evaluation). With
-`contiguous_labels=False` the label is the category id itself, as torchvision's COCO models use
-(K = 91).
+category ids, with 0 the background (`label_to_category_id` maps back for evaluation), and a
+warning says so once when the ids are not 1..K-1 already. With `contiguous_labels=False` the
+label is the category id itself, as torchvision's COCO models use (K = 91).
 
-The whole annotation file is checked when the data set is built, so a broken file fails at once
-with a `DatasetError` naming the file and the annotation or image, never hours into training.
+The whole annotation file is checked when the data set is built (down to the run lengths of
+every compressed RLE, which must cover the image), and then every image is decoded
+(`verify_images`), so a broken file fails at once with a `DatasetError` naming the file and
+the annotation or image, never hours into training.
 Where the reference implementations skip an annotation instead, this one does too, and warns
 once with the count: a box with no width or height inside the image (torchvision keeps only
 x2 > x1 and y2 > y1 after clipping), a polygon mask with no polygon of at least 3 points inside
@@ -33,16 +35,16 @@ import json
 import math
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from mrcnn.data.flip import horizontal_flip
-from mrcnn.data.images import image_to_tensor
+from mrcnn.data.images import ImageReadError, image_to_tensor, load_rgb
 
 
 class DatasetError(ValueError):
@@ -71,7 +73,7 @@ def load_annotation_file(annotation_file: str | os.PathLike) -> dict:
     if not path.is_file():
         raise DatasetError(f"annotation file {path} does not exist")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # with or without the byte-order mark Windows tools write
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DatasetError(f"annotation file {path} is not valid JSON: {error}") from error
@@ -80,6 +82,33 @@ def load_annotation_file(annotation_file: str | os.PathLike) -> dict:
     if not isinstance(data.setdefault("annotations", []), list):
         raise DatasetError(f"annotation file {path}: 'annotations' must be a list")
     return data
+
+
+def rle_run_lengths(counts: str) -> list[int] | None:
+    """The run lengths of a compressed COCO RLE string, or None if the string is not one.
+
+    COCO writes each run as a number in 5-bit groups, least significant first, one character
+    (48 + group) each: 0x20 in a group says another follows, 0x10 in the last is the sign. From
+    the fourth run on, the number is the difference to the run two before (pycocotools'
+    `rleFrString`, read here without decoding a pixel, so that a string made for another image
+    size, or no RLE at all, is caught before `decode` fills a mask from the wrong number of runs).
+    """
+    if not counts.isascii():
+        return None
+    runs, value, shift = [], 0, 0
+    for character in counts.encode("ascii"):
+        group = character - 48
+        if not 0 <= group < 64 or shift > 25:  # a character COCO never writes; a number past 30 bits
+            return None
+        value |= (group & 0x1F) << shift
+        shift += 5
+        if group & 0x20:
+            continue
+        if group & 0x10:
+            value -= 1 << shift  # negative: sign-extend
+        runs.append(value + runs[-2] if len(runs) > 2 else value)
+        value, shift = 0, 0
+    return runs if shift == 0 else None  # a last number cut off
 
 
 def segmentation_to_mask(segmentation: list | dict, height: int, width: int) -> np.ndarray:
@@ -110,8 +139,10 @@ class CocoDataset(torch.utils.data.Dataset):
         annotation, or only crowds and skipped ones), as the reference implementations do for
         training.
     contiguous_labels: labels 1..K-1 in category-id order (default), or the category ids.
-    verify_images: open every image's header now, to check it is readable and of the size the
-        file says (a fraction of a millisecond an image; a minute or less for COCO train2017).
+    verify_images: decode every image now, as training will read it, to check that it is whole,
+        readable and of the size the file says (0.2 ms for a 128 x 128 PNG, a few ms for a COCO
+        JPEG: minutes for COCO train2017 on a few cores). With False, a broken image is found when
+        it is read, as a `DatasetError` naming it (the trainer then stops, keeping its steps).
     Attributes: `coco` (the pycocotools index of the whole file, for evaluation), `image_ids`,
     `num_classes` (K, with the background), `category_names` (indexed by label),
     `label_to_category_id` and `category_id_to_label` (dicts).
@@ -132,6 +163,11 @@ class CocoDataset(torch.utils.data.Dataset):
         category_ids = sorted(category_names)
         if contiguous_labels:
             self.label_to_category_id = {label: c for label, c in enumerate(category_ids, start=1)}
+            if category_ids != list(range(1, len(category_ids) + 1)):
+                shown = ", ".join(map(str, category_ids[:10])) + (", ..." if len(category_ids) > 10 else "")
+                warnings.warn(f"{self.annotation_file}: the category ids ({shown}) are not 1..{len(category_ids)}; "
+                              f"the model's labels 1..{len(category_ids)} stand for them in this order (checkpoints "
+                              "keep the mapping, and evaluation reports category ids)")  # fmt: skip
         else:
             self.label_to_category_id = {c: c for c in category_ids}
         self.category_id_to_label = {c: label for label, c in self.label_to_category_id.items()}
@@ -139,11 +175,16 @@ class CocoDataset(torch.utils.data.Dataset):
         self.category_names = ["__background__"] + ["N/A"] * (self.num_classes - 1)
         for label, c in self.label_to_category_id.items():
             self.category_names[label] = category_names[c]
-        self.images = self._read_images(data["images"], verify_images)
+        self.images = self._read_images(data["images"])
         self.targets = self._read_annotations(data["annotations"])  # image id -> [(label, box, segmentation, area)]
         self.image_ids = sorted(self.images)
         if remove_images_without_annotations:
             self.image_ids = [i for i in self.image_ids if self.targets[i]]
+            if not self.image_ids:
+                raise self._error(f"none of its {len(self.images)} images has an object to train on (an annotation "
+                                  "that is not a crowd, with a box and a mask inside the image)")  # fmt: skip
+        if verify_images:  # last: the slow check, once the file itself is known to be good
+            self._verify_pictures([self.images[i] for i in self.image_ids])
         self.coco = COCO()
         self.coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while it indexes
@@ -153,6 +194,8 @@ class CocoDataset(torch.utils.data.Dataset):
         return DatasetError(f"annotation file {self.annotation_file}: {message}")
 
     def _read_categories(self, categories: list) -> dict[int, str]:
+        if not categories:
+            raise self._error("'categories' is empty: a data set needs at least one category to detect")
         names: dict[int, str] = {}
         for position, category in enumerate(categories):
             fields = category if isinstance(category, dict) else {}
@@ -163,9 +206,11 @@ class CocoDataset(torch.utils.data.Dataset):
             names[category["id"]] = category["name"]
         return names
 
-    def _read_images(self, images: list, verify: bool) -> dict[int, dict]:
+    def _read_images(self, images: list) -> dict[int, dict]:
         if not self.image_dir.is_dir():
             raise DatasetError(f"image folder {self.image_dir} (for {self.annotation_file}) does not exist")
+        if not images:
+            raise self._error("'images' is empty: there is nothing to train on or to score")
         records: dict[int, dict] = {}
         for position, image in enumerate(images):
             named = isinstance(image, dict) and _integer(image.get("id")) and isinstance(image.get("file_name"), str)
@@ -178,22 +223,30 @@ class CocoDataset(torch.utils.data.Dataset):
             if not path.is_file():
                 where = f"image id {image['id']} of {self.annotation_file}"
                 raise DatasetError(f"image file {path} ({where}) does not exist")
-            if verify:
-                self._open(path, image)
             records[image["id"]] = image
         return records
 
-    def _open(self, path: Path, image: dict, load: bool = False) -> Image.Image | None:
-        """Check the image file against its record; with `load`, return its pixels as RGB."""
+    def _verify_pictures(self, images: list[dict]) -> None:
+        """Decode every image as training will (`_read_picture`), a few at a time; the first broken one,
+        in the file's order, is the `DatasetError`. Pillow decodes without Python's lock, so threads help."""
+        pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
         try:
-            with Image.open(path) as picture:  # reads the header only, until converted
-                size = picture.size
-                rgb = picture.convert("RGB") if load else None  # grey, palette, RGBA (alpha dropped), CMYK
-        except Exception as error:  # PIL raises several kinds for a broken file
-            raise DatasetError(f"image file {path} (image id {image['id']}) cannot be read: {error}") from error
-        if size != (image["width"], image["height"]):
+            for _ in pool.map(self._read_picture, images):
+                pass
+        finally:
+            pool.shutdown(cancel_futures=True)  # after an error, decode no more
+
+    def _read_picture(self, image: dict) -> np.ndarray:
+        """The pixels of an image record as RGB [H, W, 3] (`load_rgb`), checked against the record's size."""
+        path = self.image_dir / image["file_name"]
+        try:
+            rgb, _ = load_rgb(path)
+        except ImageReadError as error:
+            raise DatasetError(f"image file {path} (image id {image['id']}) cannot be read: {error}") from None
+        height, width = rgb.shape[:2]
+        if (width, height) != (image["width"], image["height"]):
             raise DatasetError(
-                f"image file {path} (image id {image['id']}) is {size[0]}x{size[1]} (width x height) "
+                f"image file {path} (image id {image['id']}) is {width}x{height} (width x height) "
                 f"but {self.annotation_file} says {image['width']}x{image['height']}"
             )
         return rgb
@@ -209,6 +262,8 @@ class CocoDataset(torch.utils.data.Dataset):
             where = f"annotation id {annotation['id']}"
             if annotation["id"] in seen:
                 raise self._error(f"{where} is repeated")
+            if annotation["id"] == 0:  # COCOeval stores the id of a detection's match, 0 meaning none
+                raise self._error(f"{where}: COCO's evaluation reads id 0 as 'no match'; number annotations from 1")
             seen.add(annotation["id"])
             for key in ("image_id", "category_id", "bbox", "segmentation", "iscrowd", "area"):
                 if key not in annotation:
@@ -261,9 +316,19 @@ class CocoDataset(torch.utils.data.Dataset):
                     raise self._error(f"{where}: uncompressed RLE counts must be integers >= 0 summing to H*W")
             elif not isinstance(counts, str):
                 raise self._error(f"{where}: RLE counts must be a list of integers or a compressed string")
+            else:
+                runs = rle_run_lengths(counts)
+                if runs is None or min(runs, default=0) < 0:
+                    raise self._error(f"{where}: RLE counts {counts[:20]!r}{'...' if len(counts) > 20 else ''} "
+                                      "are not a compressed COCO RLE")  # fmt: skip
+                if sum(runs) != height * width:
+                    raise self._error(f"{where}: compressed RLE counts cover {sum(runs)} pixels, but its size "
+                                      f"[{height}, {width}] has {height * width} (made for another image?)")  # fmt: skip
             return segmentation
         if not isinstance(segmentation, list) or not all(isinstance(p, list) for p in segmentation):
             kind = type(segmentation).__name__
+            if isinstance(segmentation, list) and segmentation and _finite_numbers(segmentation):
+                kind = "one flat list of numbers; a polygon goes in a list of its own, [[x0, y0, x1, y1, ...]]"
             raise self._error(f"{where}: segmentation must be a list of polygons or an RLE dict, got {kind}")
         polygons = []
         for polygon in segmentation:
@@ -282,9 +347,8 @@ class CocoDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         image_id = self.image_ids[index]
         record = self.images[image_id]
-        picture = self._open(self.image_dir / record["file_name"], record, load=True)
         height, width = record["height"], record["width"]
-        image = image_to_tensor(np.asarray(picture))  # [3, H, W]
+        image = image_to_tensor(self._read_picture(record))  # [3, H, W]
         objects = self.targets[image_id]
         masks = [segmentation_to_mask(segmentation, height, width) for _, _, segmentation, _ in objects]
         masks = np.stack(masks) if masks else np.zeros((0, height, width), dtype=np.uint8)  # [G, H, W]

@@ -33,7 +33,7 @@ import torch
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from mrcnn.data.coco import CocoDataset, DatasetError
+from mrcnn.data.coco import CocoDataset, DatasetError, _finite_numbers
 from mrcnn.data.flip import flip_index
 from mrcnn.data.images import image_to_tensor
 from mrcnn.data.shapes import SPLITS, _background, _check_size, masks_to_boxes
@@ -243,9 +243,11 @@ class KeypointCocoDataset(CocoDataset):
                 if not self._check_segmentation(annotation["segmentation"], image, f"annotation id {annotation['id']}"):
                     continue
                 points = annotation.get("keypoints", [0] * 3 * num_keypoints)
-                if len(points) != 3 * num_keypoints:
-                    raise DatasetError(f"annotation file {self.annotation_file}: annotation id {annotation['id']} has "
-                                       f"{len(points)} keypoint values, expected {3 * num_keypoints}")  # fmt: skip
+                if not isinstance(points, list) or len(points) != 3 * num_keypoints or not _finite_numbers(points):
+                    got = f"{len(points)} values" if isinstance(points, list) else type(points).__name__
+                    raise DatasetError(f"annotation file {self.annotation_file}: annotation id {annotation['id']} needs "
+                                       f"'keypoints' of {3 * num_keypoints} finite numbers (x, y, v for each of "
+                                       f"{num_keypoints}), got {got}")  # fmt: skip
                 kept.append(points)
             if len(kept) != len(objects):
                 raise DatasetError(f"annotation file {self.annotation_file}: image id {image_id}: keypoints of "
