@@ -59,13 +59,13 @@ def picture_to_rgb(picture: Image.Image) -> np.ndarray:
     if not (mode.startswith("I;16") or mode in ("I", "F")):
         return np.asarray(picture.convert("RGB"))
     grey = np.asarray(picture)  # [H, W]: uint16 (either byte order), int32 or float32
-    low, high = (grey.min(), grey.max()) if grey.size else (0, 0)
-    if mode == "I":
-        if low < 0 or high > 65535:
+    if mode in ("I", "F"):  # 32 bits: the values must say which scale they use
+        low, high = (grey.min(), grey.max()) if grey.size else (0, 0)
+        if mode == "I" and (low < 0 or high > 65535):
             raise ImageReadError(f"32-bit integer grey from {low} to {high}, not 16-bit values (0 to 65535)")
-        grey = grey.astype(np.uint16)
-    elif mode == "F" and not (0 <= low and high <= 1):  # NaN fails both comparisons
-        raise ImageReadError(f"32-bit float grey from {low} to {high}, not brightness values in [0, 1]")
+        if mode == "F" and not (0 <= low and high <= 1):  # NaN fails both comparisons
+            raise ImageReadError(f"32-bit float grey from {low} to {high}, not brightness values in [0, 1]")
+        grey = grey.astype(np.uint16) if mode == "I" else grey
     return np.repeat(grey[..., None], 3, axis=2)  # [H, W, 3]
 
 
