@@ -281,12 +281,12 @@ def training_samples_figure(model, image: torch.Tensor, target: dict, seed: int 
         (f"sampled RoIs: {len(roi_positive)} positive (IoU >= 0.5), {len(roi_negative)}\nnegative ({shown_negatives} shown)",
          [(roi_positive, "lime", 0.8), (some(roi_negative), "red", 0.6)]),
     ]  # fmt: skip
-    figure = Figure(figsize=(12, 4.4), layout="constrained")
+    figure = Figure(figsize=(12, 4.8), layout="constrained")  # shown about 1000 px wide: titles of 12 points stay legible
     for axes, (title, layers) in zip(figure.subplots(1, 3), content):
         axes.imshow(image_to_array(image))
         for boxes, colour, width in layers:
             draw_boxes(axes, resize_boxes(boxes, samples.image_size, original), colour, width)  # in the original image
         draw_boxes(axes, target["boxes"], "white", 1.6)
-        axes.set_title(title, fontsize=9)
+        axes.set_title(title, fontsize=12)
         axes.set_axis_off()
     return figure
