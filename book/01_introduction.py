@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from matplotlib.colors import to_rgb
 
-from book_helpers import show_source, trained_shapes_model
+from book_helpers import BOOK_TRAINING, book_training_settings, show_source, trained_shapes_model
 from mrcnn.config import shapes_small
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.inference import paste_detection_masks
@@ -152,16 +152,19 @@ plt.show()
 # ## A model to look at
 #
 # An untrained network detects nothing worth drawing, so the chapter takes a trained one from
-# `trained_shapes_model` (book/book_helpers.py): the demo's model when `make demo` has written
-# `runs/demo/train/checkpoint.pt` (the small preset trained for minutes on a thousand
-# pictures), otherwise a short run of the same preset (`shapes_small`: a narrow ResNet, a
-# 64-channel FPN, images of 128 pixels), about half a minute on one CPU thread, kept in
-# `runs/book/` for the next chapter. Either way, the model has never seen this validation
-# picture. The short run finds where the shapes are, but scores them low and often names the
-# wrong class; the figures below then show its best few detections.
+# `trained_shapes_model` (book/book_helpers.py): the small preset (`shapes_small`: a narrow
+# ResNet, a 64-channel FPN, images of 128 pixels) trained from a fixed seed on generated shapes
+# pictures, with the settings printed below. The first chapter that needs it trains it, once,
+# on one CPU thread, and keeps it in `runs/book/`; every later chapter, and every later build,
+# loads it from there, so every page shows the same model. It has never seen this validation
+# picture.
 
 # %%
 model = trained_shapes_model()
+settings = book_training_settings()
+print(f"trained for {settings.iterations} steps of {settings.batch_size} images drawn from "
+      f"{BOOK_TRAINING['num_images']:,} generated pictures, lr {settings.lr} after a warm-up of "
+      f"{settings.warmup_iterations} steps, divided by 10 at step {settings.decay_steps[0]}")
 print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} million parameters, K = {model.config.num_classes} classes")
 
 # %% [markdown]
@@ -234,11 +237,10 @@ print(f"class logits {tuple(class_logits.shape)} = [R, K], box deltas {tuple(box
 detections, _ = model.box_branch(roi_features, proposals, image_sizes)
 print({key: tuple(value.shape) for key, value in detections[0].items()})
 
-# The figures draw the detections scoring >= 0.5, or, for a weakly trained model, at least the
-# best G of them (G objects in the picture): scores come best first.
+# The figures draw the detections scoring at least 0.5 (scores come best first).
+threshold = 0.5
 scores = detections[0]["scores"]
-shown = max(int((scores >= 0.5).sum()), min(len(scores), len(target["labels"])))
-threshold = min(0.5, float(scores[shown - 1])) if shown else 0.5
+shown = int((scores >= threshold).sum())
 
 to_original = lambda boxes: resize_boxes(boxes, image_sizes[0], tuple(image.shape[-2:]))  # noqa: E731
 fig, axes = plt.subplots(1, 2, figsize=(8, 4.2), layout="constrained")
@@ -307,7 +309,7 @@ own = model([image])[0]
 print(f"{len(own['boxes'])} detections; the stage-by-stage run gave {len(detections[0]['boxes'])}")
 print("largest difference of boxes, scores, masks:",
       *(f"{(own[key] - detections[0][key]).abs().max().item():.1e}" for key in ("boxes", "scores", "masks")))
-torch.set_grad_enabled(True)
+_ = torch.set_grad_enabled(True)  # back to the default
 
 # %% [markdown]
 # Here it is, from `mrcnn/model.py`. In training (`model.train()`, with targets) the same

@@ -76,10 +76,8 @@ _ = torch.manual_seed(0)
 # %% [markdown]
 # ## The model, the image, the inspection
 #
-# The demo's model when `make demo` has been run, otherwise the book's short training run (kept
-# in `runs/book/`, shared with the chapter "3.1 Inference"; it finds where the shapes are but
-# scores them low and often names the wrong class, so the later figures are clearer with the
-# demo's model). The image is a held-out picture of
+# The book's trained model (`trained_shapes_model`, trained once from a fixed seed and kept in
+# `runs/book/`, shared with the introduction and "3.1 Inference"). The image is a held-out picture of
 # the shapes data set with its ground truth, which `inspect_image` needs for the training
 # targets (the RPN's anchor labels and the mask targets); the model runs in evaluation mode.
 

@@ -13,17 +13,19 @@ Jupyter, VS Code and nbconvert start the kernel in `book/`, `python book/<chapte
 folder), so `repository_root() / "experiments" / "results" / "ablations.json"` is the same file
 whichever folder a chapter runs in.
 
-`trained_shapes_model()` returns the `shapes_small` model of the demo (`make demo` writes
-`runs/demo/train/checkpoint.pt`) when it is there. On a fresh checkout it trains one instead,
-briefly (a fixed number of steps with a fixed seed, on generated shapes images, about half a
-minute on one idle CPU thread), and keeps it in `runs/book/` so that the next chapter reuses
-it. Such a short run finds where the shapes are, but scores them low and often names the
-wrong class; the demo's ten minutes do much better.
+`trained_shapes_model()` returns the book's own trained `shapes_small` model, the same on every
+machine: on a fresh checkout it trains one with a fixed seed on generated shapes images (the
+demo's recipe, shortened: BOOK_TRAINING), and keeps it in `runs/book/` so that every later
+chapter, and every later build, reuses it. The training takes a few minutes once; it is enough
+for the model to find the objects of the chapters' pictures and name most of them right. The
+demo's model (`make demo`) is better still, but a page that changed with whether the demo had
+been run would not be a page of the book, so the chapters never read it.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import shutil
 import tempfile
@@ -39,7 +41,8 @@ from mrcnn.checkpoint import CheckpointError, load_checkpoint, model_from_checkp
 from mrcnn.config import shapes_small
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.model import MaskRCNN
-from mrcnn.train import TrainSettings, train
+from mrcnn.demo import DEMO_DEFAULTS
+from mrcnn.train import TrainSettings, paper_schedule, train
 
 
 def repository_root() -> Path:
@@ -58,12 +61,13 @@ def repository_root() -> Path:
 DEMO_CHECKPOINT = repository_root() / "runs" / "demo" / "train" / "checkpoint.pt"
 BOOK_RUNS = repository_root() / "runs" / "book"
 
-# The short run of a fresh checkout: 300 images seen once, one per step. Measured with one thread
-# on a 2-core CPU shared with other jobs (load average 8-9): 56 s of training (about 20 s of CPU
-# time); on the first 60 held-out images box AP 0.04 (AP50 0.15) and mask AP 0.07 (AP50 0.18),
-# against the demo's 0.72 and 0.67. 500 steps gave 0.07 and 0.08 for 98 s: not worth the wait.
-BOOK_TRAINING = {"num_images": 300, "iterations": 300, "batch_size": 1, "lr": 0.02, "seed": 0}
-
+# The book's run: the demo's recipe (mrcnn/demo.py's DEMO_DEFAULTS: 2,000 images, batches of 4,
+# lr 0.02 after a warm-up of 100 steps, the decay at 3/4 of the run, gradient clipping at 10),
+# for 800 steps instead of 1,500, on one thread (the same bits on every run of a machine).
+# Measured on the shared 2-core machine: about 200 s of training on an idle core; on the 100
+# held-out images of experiments/transfer.py the same recipe gave mask AP 43.5 (box AP 45.3).
+# 500 steps were not enough: the held-out picture of chapter 1 got no detection above 0.5.
+BOOK_TRAINING = {"num_images": 2000, "iterations": 800, "batch_size": 4, "lr": 0.02, "seed": 0}
 
 def source(obj) -> str:
     """The source code of a function, class or module, dedented."""
@@ -82,31 +86,108 @@ def show_source(*objects) -> None:
         display(Markdown(f"```python\n{text}\n```"))
 
 
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as a page may print it: relative to the checkout when it lies inside it, else its name.
+
+    A page that printed the build machine's absolute paths would say where it was built, not
+    what the chapter computed.
+    """
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(repository_root()).as_posix()
+    except ValueError:
+        return path.name
+
+
+DEMO_RESULTS = repository_root() / "experiments" / "results" / "demo.json"
+
+
+def demo_results() -> dict:
+    """The measured demo the book quotes: `experiments/results/demo.json`, the report of one
+    `make demo` run with its code commit, date and conditions ("report" holds the demo's own
+    demo.json: "mask_AP" and "box_AP" in [0, 1], "seconds", "steps", "arguments").
+
+    Every figure a chapter gives for the demo comes from here or from the demo's settings
+    (`mrcnn.demo.DEMO_DEFAULTS`), never from the prose.
+    """
+    return json.loads(DEMO_RESULTS.read_text())
+
+
+def figure_description(figure) -> str:
+    """What a matplotlib figure shows, in words from its own titles: the suptitle, then each panel's
+    title (or its axis labels when it has none). The site uses it as the picture's alt text."""
+    parts = [figure._suptitle.get_text()] if figure._suptitle is not None else []  # noqa: SLF001
+    for ax in figure.axes:
+        title = " ".join(t.get_text() for t in (ax.title, ax._left_title, ax._right_title) if t.get_text())  # noqa: SLF001
+        if not title and (ax.get_xlabel() or ax.get_ylabel()):
+            title = f"{ax.get_ylabel()} against {ax.get_xlabel()}".strip()
+        if title and title not in parts:
+            parts.append(title)
+    return " | ".join(" ".join(part.split()) for part in parts if part.strip())
+
+
+def describe_figures() -> None:
+    """In a notebook, write each figure's `figure_description` into its PNG (a "Description" text chunk).
+
+    The inline backend turns a figure into a PNG without words, and nbconvert gives every picture
+    the same placeholder alt text; tools/book_hooks.py reads the chunk back into the `alt` of the
+    page's `<img>`. Outside IPython it does nothing.
+    """
+    shell = get_ipython()
+    if shell is None:
+        return
+    from matplotlib.figure import Figure  # the chapters draw with matplotlib; importing it here is cheap
+
+    formatter = shell.display_formatter.formatters["image/png"]
+    draw = formatter.lookup_by_type(Figure) if Figure in formatter.type_printers else None
+    if draw is None or getattr(draw, "describes_figures", False):
+        return
+
+    def draw_with_description(figure):
+        return draw(figure, metadata={"Description": figure_description(figure) or "a figure"})
+
+    draw_with_description.describes_figures = True
+    formatter.for_type(Figure, draw_with_description)
+
+
+describe_figures()  # on import: every chapter imports this module in its first cell, after %matplotlib inline
+
+
 def _load(path: Path):
     """The `MaskRCNN` of a training checkpoint, in evaluation mode, and the steps it was trained."""
     checkpoint = load_checkpoint(path)
     return model_from_checkpoint(checkpoint, path).eval(), checkpoint["step"]
 
 
-def trained_shapes_model(demo_checkpoint: str | os.PathLike | None = DEMO_CHECKPOINT,
+def book_training_settings(iterations: int = BOOK_TRAINING["iterations"], batch_size: int = BOOK_TRAINING["batch_size"],
+                           lr: float = BOOK_TRAINING["lr"], seed: int = BOOK_TRAINING["seed"]) -> TrainSettings:  # fmt: skip
+    """The demo's recipe (`DEMO_DEFAULTS`) for `iterations` steps: the paper's schedule with its decay
+    at 3/4 of the run, a warm-up of an eighth of the run (at most the demo's), clipping as the demo."""
+    warmup = min(DEMO_DEFAULTS["warmup"], max(1, iterations // 8))
+    return paper_schedule(batch_size, lr=lr, iterations=iterations, warmup_iterations=warmup,
+                          clip_grad_norm=DEMO_DEFAULTS["clip_grad_norm"], seed=seed, checkpoint_every=iterations)  # fmt: skip
+
+
+def trained_shapes_model(demo_checkpoint: str | os.PathLike | None = None,
                          cache_dir: str | os.PathLike = BOOK_RUNS, num_images: int = BOOK_TRAINING["num_images"],
                          iterations: int = BOOK_TRAINING["iterations"], batch_size: int = BOOK_TRAINING["batch_size"],
                          lr: float = BOOK_TRAINING["lr"], seed: int = BOOK_TRAINING["seed"]):  # fmt: skip
     """A `shapes_small` Mask R-CNN trained on the synthetic shapes, in evaluation mode; prints where it came from.
 
-    1. the demo's model, when `demo_checkpoint` exists (None: never);
+    1. the model of `demo_checkpoint`, when given and the file exists (the chapters pass None: a
+       page must not change with whether `make demo` has been run);
     2. else the book's own, when `cache_dir` holds one trained with these settings;
     3. else it trains one: `iterations` SGD steps of `batch_size` images drawn from `num_images`
-       generated shapes images (`ShapesDataset`, seed `seed`), the paper's warm-up and momentum
-       at rate `lr`, and keeps it in `cache_dir`, written atomically (a temporary folder, then a
+       generated shapes images (`ShapesDataset`, seed `seed`), with `book_training_settings`, on
+       one thread, and keeps it in `cache_dir`, written atomically (a temporary folder, then a
        rename), so that an interrupted run never leaves half a file for the next chapter.
 
-    The defaults are a compromise between a chapter that runs in a minute and a model that
-    detects something: BOOK_TRAINING records what they cost and give.
+    BOOK_TRAINING records what the defaults cost and give. Printed paths are relative to the
+    checkout (`shown_path`).
     """
     if demo_checkpoint is not None and Path(demo_checkpoint).is_file():
         model, steps = _load(Path(demo_checkpoint))
-        print(f"the demo's model: {steps} steps, {demo_checkpoint}")
+        print(f"the demo's model: {steps} steps, {shown_path(demo_checkpoint)}")
         return model
     if min(num_images, iterations, batch_size) < 1 or num_images < batch_size:
         raise ValueError(f"need num_images >= batch_size >= 1 and iterations >= 1, got num_images={num_images}, "
@@ -116,19 +197,19 @@ def trained_shapes_model(demo_checkpoint: str | os.PathLike | None = DEMO_CHECKP
     if cached.is_file():
         try:
             model, steps = _load(cached)
-            print(f"the book's model, trained earlier: {steps} steps of {batch_size} images, {cached}")
+            print(f"the book's model, trained earlier: {steps} steps of {batch_size} images, {shown_path(cached)}")
             return model
         except CheckpointError as error:  # written by another version of the library: train again
-            print(f"cannot use {cached} ({error}); training again")
+            print(f"cannot use {shown_path(cached)} ({error}); training again")
 
-    settings = TrainSettings(iterations=iterations, batch_size=batch_size, lr=lr, decay_steps=(round(0.8 * iterations),),
-                             warmup_iterations=max(1, iterations // 10), clip_grad_norm=10.0, seed=seed,
-                             checkpoint_every=iterations)  # fmt: skip
+    settings = book_training_settings(iterations, batch_size, lr, seed)
     dataset = ShapesDataset(num_images, seed=seed)
     cache_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".training-", dir=cache_dir))
+    threads = torch.get_num_threads()
     try:
         with torch.random.fork_rng():  # the caller's random state is left as it was
+            torch.set_num_threads(1)  # the same sums in the same order: the same model on every run
             torch.manual_seed(seed)
             model = MaskRCNN(shapes_small(ShapesDataset.num_classes))
             started = time.perf_counter()
@@ -136,7 +217,8 @@ def trained_shapes_model(demo_checkpoint: str | os.PathLike | None = DEMO_CHECKP
                   metadata={"category_names": list(ShapesDataset.category_names)})  # fmt: skip
         os.replace(work / "checkpoint.pt", cached)  # atomic: the whole file or the previous state
     finally:
+        torch.set_num_threads(threads)
         shutil.rmtree(work, ignore_errors=True)
-    print(f"no demo model ({demo_checkpoint}): trained one for {iterations} steps of {batch_size} images "
-          f"in {time.perf_counter() - started:.0f} s, kept in {cached}")  # fmt: skip
+    print(f"the book's model, not yet in the cache: trained one for {iterations} steps of {batch_size} images "
+          f"in {time.perf_counter() - started:.0f} s, kept in {shown_path(cached)}")  # fmt: skip
     return model.eval()
