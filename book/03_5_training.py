@@ -24,8 +24,10 @@
 # `tests/test_determinism.py` (the same seed gives the same bits).
 #
 # Mask R-CNN is trained end to end with one objective. "Formally, during training, we define
-# a multi-task loss on each sampled RoI as $L = L_{cls} + L_{box} + L_{mask}$." The region
-# proposal network trains at the same time, on the same features, with its own two terms. This
+# a multi-task loss on each sampled RoI as $L = L_{cls} + L_{box} + L_{mask}$." In this library
+# the region proposal network trains at the same time, on the same features, with its own two
+# terms; the paper trained it separately for its experiments, and a few more details of the
+# recipe here are not the paper's (section "Where this recipe is not the paper's", below). This
 # chapter takes the model apart at training time: what the five losses are, which anchors and
 # RoIs they see, how the batch and the learning rate are organized, and it trains a small model
 # for a few seconds.
@@ -34,6 +36,8 @@
 
 # %%
 # %matplotlib inline
+import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -64,7 +68,8 @@ from mrcnn.train import (
     train,
     update_weights,
 )
-from mrcnn.visualize import loss_curve_figure, training_samples_figure
+from mrcnn.demo import DEMO_DEFAULTS
+from mrcnn.visualize import loss_curve_figure, training_samples, training_samples_figure
 
 torch.set_num_threads(1)  # small tensors: a second thread barely helps, and on a shared machine it waits
 _ = torch.manual_seed(0)
@@ -86,10 +91,22 @@ for name, value in losses.items():
     print(f"{name:18s} {value.item():.3f}")
 print(f"{'L (the sum)':18s} {sum(losses.values()).item():.3f}")
 
+# %%
+with torch.no_grad():  # the mask logits of the ground-truth boxes, in training mode as in the loss
+    batch, _, resized_targets = model.transform([image], [target])
+    features, _ = model.feature_maps(batch)
+    boxes, labels = resized_targets[0]["boxes"], resized_targets[0]["labels"]  # [G, 4], [G]
+    own_logits = model.mask_branch.mask_logits(features[:4], [boxes])[torch.arange(len(boxes)), labels]  # [G, M, M]
+    mask_targets = model.mask_branch.mask_targets(resized_targets, [boxes], [torch.arange(len(boxes))], own_logits.shape[-1])
+print(f"initial mask logits of the {len(boxes)} objects: mean {own_logits.mean():.2f}, std {own_logits.std():.2f}, "
+      f"mean |z| {own_logits.abs().mean():.2f}")
+print(f"their binary cross-entropy: {torch.nn.functional.binary_cross_entropy_with_logits(own_logits, mask_targets):.3f} "
+      f"nats a pixel (the loss above); with every logit 0: log 2 = {math.log(2):.3f}")
+
 # %% [markdown]
 # Each term averages over a sample, never over everything:
 #
-# - **RPN** (Faster R-CNN's, trained jointly): over $|S| = 256$ sampled anchors per image (128
+# - **RPN** (Faster R-CNN's; trained jointly with the heads here, not in the paper's experiments): over $|S| = 256$ sampled anchors per image (128
 #   in the small preset), half of them positive at most,
 #   $L_{objectness} = \frac{1}{|S|}\sum_{a \in S} \mathrm{BCE}(o_a, y_a)$ and
 #   $L_{rpn\_box} = \frac{1}{|S|}\sum_{a \in S^+} \mathrm{smooth}_{L_1}(t_a - t^*_a)$.
@@ -102,6 +119,13 @@ print(f"{'L (the sum)':18s} {sum(losses.values()).item():.3f}")
 #   $\log K = \log 5 \approx 1.61$.
 # - **Mask branch**: "$L_{mask}$ is defined only on positive RoIs", the average binary
 #   cross-entropy of the $M \times M$ mask of the RoI's own class (chapter "Mask representation").
+#   A mask that says $\frac12$ at every pixel (logits 0) costs $\log 2 \approx 0.69$ nats a
+#   pixel. The untrained model's mask loss above is far larger: the mask predictor's initial
+#   weights (Kaiming normal over the fan-out of its $K$ output channels, as in torchvision and
+#   Detectron) give logits of a spread of several units, and a pixel whose logit $z$ sits on
+#   the wrong side costs about $|z|$ nats. The positive RoIs of this untrained model are the
+#   ground-truth boxes themselves (the box branch adds them to its sample), so the loss can be
+#   recomputed from those boxes:
 #
 # ## Which anchors and RoIs are trained
 #
@@ -152,7 +176,11 @@ show_source(GlobalBatchSampler.__iter__, TrainingImages.__getitem__, sampling_se
 # linear scaling rule of Goyal et al. (2017): the learning rate is $0.02\,B/16$ and the number
 # of iterations $160\text{k} \times 16 / B$, so the model sees the same number of images; a
 # `schedule` factor shortens or lengthens the whole. The rate starts with a linear warm-up
-# from $f\,lr_0$ ($f = 0.001$) over $W$ steps:
+# from $f\,lr_0$ ($f = 0.001$) over $W$ steps, $W = \min(1000, \text{iterations} / 10)$. The
+# warm-up is not in the paper, which names only the rate, its decay, the weight decay and the
+# momentum: it comes from Goyal et al. (2017), and these values of $f$ and $W$ are those of
+# detectron2 and of torchvision's reference training script (Detectron, the code its authors
+# released, starts at $lr_0 / 3$ over 500 steps).
 #
 # $$lr(t) = lr_0 \cdot 0.1^{\#\{m \in \text{decay steps}: t \ge m\}} \cdot
 #   \begin{cases} f + (1 - f)\,t / W & t < W \\ 1 & \text{otherwise.} \end{cases}$$
@@ -170,6 +198,35 @@ axes[1].plot(range(1500), [settings.lr * learning_rate_factor(t, settings) for t
 axes[1].set(xlabel="iteration", title=f"the first 1500 iterations: warm-up over W = {settings.warmup_iterations}")
 plt.show()
 show_source(learning_rate_factor)
+
+# %% [markdown]
+# ## Where this recipe is not the paper's
+#
+# The library trains the way Detectron and torchvision do, which differs from the paper's text
+# in four places:
+#
+# - **The RPN is trained with the heads, on shared features.** The paper, section 3.1: "For
+#   convenient ablation, RPN is trained separately and does not share features with Mask R-CNN,
+#   unless specified. For every entry in this paper, RPN and Mask R-CNN have the same backbones
+#   and so they are shareable." Its shared-feature model is the one timed in section 4.4,
+#   trained "following the 4-step training of Faster R-CNN" (alternating RPN and detector
+#   training). Here, as in Detectron and torchvision, one network with one trunk is trained on
+#   the sum of all five losses at once, Faster R-CNN's "approximate joint training": the
+#   proposals are treated as constants, no gradient flows through their coordinates
+#   (`mrcnn/rpn.py`).
+# - **A warm-up** of the learning rate, which the paper does not mention (the schedule above).
+# - **One image per forward pass.** The paper puts "2 images per GPU" in a mini-batch, and each
+#   GPU's losses average over the RoIs of both; here every image is a forward pass of its own,
+#   its losses averaged over its own samples, and the gradients of the $B$ images of a step are
+#   added with weight $1/B$ (the section "A batch, one image at a time" above).
+# - **Horizontal flips.** The paper names no data augmentation for its COCO models (it resizes
+#   every image to a shorter side of 800 pixels). Detectron and torchvision flip each training
+#   image horizontally with probability 1/2, and so does `mrcnn/train.py` (`TrainSettings.flip`,
+#   each flip decided by the seed, the epoch and the image).
+#
+# The demo and the book's trained model also clip the gradient norm at 10
+# (`TrainSettings.clip_grad_norm`, off by default), which the paper does not do either: trained
+# from scratch, the small model's box losses can otherwise spike early and diverge.
 
 # %% [markdown]
 # ## A short training run
@@ -193,10 +250,57 @@ print(f"{summary['steps']} steps in {time.perf_counter() - started:.1f} s ({summ
 loss_curve_figure(read_log(run_dir / "run" / "log.jsonl"), smoothing=8)
 
 # %% [markdown]
-# The RPN's objectness loss falls first (telling shapes from background is the easy part), the
-# classification and mask losses follow more slowly; a model that detects well needs thousands
-# of steps (the demo trains for minutes). Even so, the proposals have begun to gather around
-# the objects:
+# The log, loss by loss: the mean of the first five steps, the lowest step, the mean of the
+# last ten.
+
+# %%
+log = read_log(run_dir / "run" / "log.jsonl")
+print(f"{'loss':18s} {'steps 1-5':>10s} {'lowest (at step)':>17s} {'last 10 steps':>14s}")
+for name in ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"):
+    values = [record[name] for record in log]
+    lowest = min(range(len(values)), key=values.__getitem__)
+    print(f"{name:18s} {statistics.mean(values[:5]):10.3f} {values[lowest]:9.3f} ({lowest + 1:3d})  "
+          f"{statistics.mean(values[-10:]):14.3f}")
+print(f"log 2 = {math.log(2):.3f}: the mask loss of a mask that says 1/2 at every pixel")
+
+# %% [markdown]
+# Read against the table:
+#
+# - **Objectness** starts at $\log 2$, a coin flip per anchor, and falls the most: telling
+#   shapes from background is the easy part, and the RPN learns it first.
+# - **The mask loss** starts high for the reason given at the top of the chapter (large random
+#   logits); the first steps pull the logits towards 0, where the loss is $\log 2$, and in 60
+#   steps it gets little further: compare its last steps with $\log 2$. The mask head has
+#   barely begun to learn shapes.
+# - **The classifier and box losses** are not simply falling: compare the lowest value of each
+#   with its last steps. They are averages over a sample that changes as the RPN learns. At
+#   first the RPN proposes almost nothing near the objects, so the box branch's positive RoIs
+#   are little more than the ground-truth boxes it adds to the sample, and the classifier
+#   can score well by calling nearly everything background. As the proposals improve, more
+#   sampled RoIs overlap an object: more positives, each one a harder question for the
+#   classifier (which of four shapes?) and one more term in $L_{box}$, which sums over the
+#   positives and divides by all $R$ RoIs. The positives per image, before and after the run,
+#   on the same 32 pictures:
+
+# %%
+torch.manual_seed(0)
+untrained = MaskRCNN(tiny)  # the weights the run started from
+pictures_of_the_run = ShapesDataset(32, **small_pictures)
+for name, weights in (("before the run", untrained), ("after 60 steps", small_model)):
+    positives = [int((training_samples(weights, *pictures_of_the_run[i]).roi_labels > 0).sum()) for i in range(32)]
+    print(f"{name}: {statistics.mean(positives):.1f} positive RoIs per image (of the sampled RoIs)")
+
+# %% [markdown]
+# A model that detects well needs far more steps than this, as the demo's settings show:
+
+# %%
+print(f"the demo: {DEMO_DEFAULTS['iterations']:,} steps of {DEMO_DEFAULTS['batch_size']} images "
+      f"from {DEMO_DEFAULTS['num_train']:,} pictures of {shapes_small().min_size} pixels (mrcnn/demo.py, DEMO_DEFAULTS); "
+      f"this run: {settings.iterations} steps of {settings.batch_size} from 32 pictures of {tiny.min_size} pixels")
+
+# %% [markdown]
+# And the training samples of the run's model on one of its pictures, as at the top of the
+# chapter (the counts are in the panel titles):
 
 # %%
 small_image, small_target = ShapesDataset(32, **small_pictures)[3]
