@@ -33,6 +33,7 @@
 # %%
 # %matplotlib inline
 import json
+import os
 import statistics
 import sys
 import time
@@ -50,6 +51,7 @@ from benchmarks import stages  # noqa: E402
 from benchmarks.common import benchmark_images  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # torch.profiler's own log lines (profiler_start, _stop) stay off stderr
 torch.set_num_threads(1)  # small tensors: a second thread barely helps, and on a shared machine it waits
 _ = torch.manual_seed(0)
 
