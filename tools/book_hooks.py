@@ -27,6 +27,10 @@ with nbconvert. Five things are added here:
 5. **Downloads.** Next to every chapter page the site holds `<chapter>.py` (copied by
    mkdocs-jupyter's `include_source`) and `<chapter>.ipynb`, written here without outputs;
    the page links both under its title.
+6. **Alt text.** nbconvert gives every output picture the same placeholder alt text. The book's
+   helper writes each matplotlib figure's own titles into its PNG (a "Description" text chunk,
+   `book_helpers.describe_figures`); here that text becomes the `<img>`'s alt. A picture without
+   one is described by the heading of the section it sits in.
 
 `execute_chapter` runs one chapter through the same plugin code the build uses, filling the
 same cache; tests/test_book.py uses it so that a later site build does not run the chapters
@@ -35,13 +39,17 @@ a second time.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
+import html as html_escaping
 import logging
 import os
 import posixpath
 import re
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import jupytext
@@ -60,6 +68,11 @@ _MATHJAX_BLOCK = re.compile(r"<!-- Load mathjax -->.*?<!-- End of mathjax config
 _MERMAID_SCRIPT = re.compile(r"<script type=\"module\">(?:(?!</script>).)*?mermaid(?:(?!</script>).)*</script>", re.DOTALL)
 _REMOTE_ASSET = re.compile(r"<(?:script|link)\b[^>]*\b(?:src|href)=[\"'](?:https?:)?//[^\"']+", re.IGNORECASE)
 _FIRST_H1_END = re.compile(r"</h1>", re.IGNORECASE)
+NBCONVERT_PLACEHOLDER_ALT = "No description has been provided for this image"
+_IMG_OR_HEADING = re.compile(r"<img\b[^>]*>|<h([1-6])\b[^>]*>(.*?)</h\1>", re.IGNORECASE | re.DOTALL)
+_PNG_DATA = re.compile(r'src="data:image/png;base64,([^"]+)"')
+_ALT = re.compile(r'\salt="[^"]*"')
+_TAG = re.compile(r"<[^>]+>")
 # href="NAME.py" or "NAME.md", with an optional #anchor; not a URL with a scheme, not //host, not #anchor alone
 _PAGE_LINK = re.compile(r'href="(?![a-z][a-z0-9+.-]*:|//|#)([^"#?]+\.(?:py|md))(#[^"]*)?"', re.IGNORECASE)
 
@@ -167,10 +180,59 @@ def rewrite_page_links(html: str, page, files) -> str:
     return _PAGE_LINK.sub(replace, html)
 
 
+def png_text(png: bytes) -> dict[str, str]:
+    """The text chunks (tEXt, zTXt, iTXt) of a PNG: keyword -> text."""
+    texts, at = {}, 8  # after the 8-byte signature: chunks of length, type, data, CRC
+    while at + 8 <= len(png):
+        length, kind = struct.unpack(">I4s", png[at:at + 8])
+        data = png[at + 8:at + 8 + length]
+        at += 12 + length
+        if kind == b"tEXt":
+            key, _, value = data.partition(b"\0")
+            texts[key.decode("latin-1")] = value.decode("latin-1")
+        elif kind == b"zTXt":
+            key, _, value = data.partition(b"\0")
+            texts[key.decode("latin-1")] = zlib.decompress(value[1:]).decode("latin-1")
+        elif kind == b"iTXt":
+            key, _, rest = data.partition(b"\0")
+            compressed, rest = rest[0], rest[2:]  # compression flag and method
+            _, _, rest = rest.partition(b"\0")  # language tag
+            _, _, value = rest.partition(b"\0")  # translated keyword
+            texts[key.decode("latin-1")] = (zlib.decompress(value) if compressed else value).decode("utf-8")
+        elif kind == b"IEND":
+            break
+    return texts
+
+
+def describe_images(html: str) -> str:
+    """Replace nbconvert's placeholder alt text: the figure's own description, else its section's heading."""
+    heading = ""
+
+    def replace(match: re.Match) -> str:
+        nonlocal heading
+        if match.group(1):  # a heading: remember its text for the pictures under it
+            heading = " ".join(html_escaping.unescape(_TAG.sub("", match.group(2))).replace("¶", "").split())
+            return match.group(0)
+        tag = match.group(0)
+        if f'alt="{NBCONVERT_PLACEHOLDER_ALT}"' not in tag:
+            return tag
+        description = ""
+        if data := _PNG_DATA.search(tag):
+            try:
+                description = png_text(base64.b64decode(data.group(1))).get("Description", "")
+            except (ValueError, struct.error, zlib.error):
+                description = ""
+        description = description or (f"A figure of the section “{heading}”" if heading else "A figure of this chapter")
+        return _ALT.sub(f' alt="{html_escaping.escape(description, quote=True)}"', tag, count=1)
+
+    return _IMG_OR_HEADING.sub(replace, html)
+
+
 def on_page_content(html, page, config, files):
     if not _is_chapter(page):
         return html
     html = rewrite_page_links(html, page, files)
+    html = describe_images(html)
     html = _MATHJAX_BLOCK.sub("", html)
     html = _MERMAID_SCRIPT.sub("", html)
     for remote in _REMOTE_ASSET.findall(html):
