@@ -32,11 +32,13 @@
 # mask branch, scored on boxes alone. Each took days of GPU time per row.
 #
 # This chapter repeats each comparison in miniature on the synthetic shapes: a small trunk
-# trained from scratch for a few minutes per run, every arm with the same budget and schedule,
-# several seeds per arm, scored with the same COCO AP. The question is which of the paper's
-# directions still show at this scale, and which drown in the noise of a short run. The runs
-# take an hour or more on a CPU, so the chapter reads their recorded results
-# (`experiments/results/ablations.json`) and computes only small illustrations itself.
+# trained from scratch, every arm with the same budget and schedule, several seeds per arm,
+# scored with the same COCO AP. The question is which of the paper's directions still show at
+# this scale, and which drown in the noise of a short run. The sweep takes hours on a CPU, so
+# the chapter reads its recorded results (`experiments/results/ablations.json`) and computes
+# only small illustrations itself. Every number the chapter gives for our runs, and every
+# verdict on the paper's claims, is computed below from that file: when the sweep is run again
+# with other settings, the page says what the new file shows.
 
 # %%
 # %matplotlib inline
@@ -48,7 +50,8 @@ import torch
 from IPython.display import Markdown, display
 from matplotlib.patches import Rectangle
 
-from book_helpers import repository_root, show_source
+from book_helpers import demo_results, repository_root, show_source, shown_path
+from mrcnn.demo import DEMO_DEFAULTS
 from mrcnn.config import shapes_small
 from mrcnn.mask_loss import mask_loss, multinomial_mask_loss
 from mrcnn.architectures import mask_head_and_predictor
@@ -64,7 +67,7 @@ torch.set_num_threads(1)  # everything below is tiny
 results_path = repository_root() / "experiments" / "results" / "ablations.json"
 results = json.loads(results_path.read_text()) if results_path.exists() else None
 if results is None:
-    print(f"{results_path} is not there: run `python experiments/ablations.py` to make it. "
+    print(f"{shown_path(results_path)} is not there: run `python experiments/ablations.py` to make it. "
           "The tables and charts below are left empty.")  # fmt: skip
 else:
     settings, machine = results["settings"], results["machine"]
@@ -80,24 +83,39 @@ else:
 # ## How the runs are made
 #
 # Every arm is the `shapes_small` preset (or its C4 or C5 variant, for Tables 2a, 2c and 2d)
-# with one switch changed by `config.replace(...)`. All arms train on the same 2000 images
-# with the demo's recipe (SGD with momentum, learning rate 0.02 after a linear warm-up, batch 4,
-# gradient clipping at 10) for the same number of steps, and are scored on the same held-out
-# images. The **seed** of a run sets its initial weights, the order of its images and the RoIs
-# it samples; running each arm with several seeds tells how much of a difference between arms
-# is the arms and how much is luck. We report the mean and the sample standard deviation
+# with one switch changed by `config.replace(...)`. All arms train on the same images with the
+# demo's recipe (SGD with momentum, a linear warm-up, gradient clipping; the batch and rate above) for the
+# same number of steps, printed above, and are scored on the same held-out images. The **seed**
+# of a run sets its initial weights, the order of its images and the RoIs it samples; running
+# each arm with several seeds tells how much of a difference between arms is the arms and how
+# much is luck. We report the mean and the sample standard deviation
 # $s = \sqrt{\frac{1}{n-1}\sum_i (x_i - \bar x)^2}$ over the $n$ seeds, and every seed's value.
 #
 # Where two arms ran with the same seeds, the cleaner comparison is **paired**: arm A and arm B
 # with seed $i$ start from the same random numbers, so $d_i = x^A_i - x^B_i$ cancels part of the
-# luck. The summary at the end uses these differences.
+# luck. The readings below use these differences.
 #
-# The budget is small: the sweep shared a 2-core machine with other work and had about an hour
-# for everything, so each run trains 300 steps (1200 images), a fifth of the demo's schedule. The
-# models are far from converged (mask AP around 10% where the demo reaches about 50%), which is
-# worth keeping in mind for every comparison below: a short run measures how fast a design
-# learns as much as how good it is.
-#
+# The budget of the sweep against the demo's (the demo's figures from
+# `experiments/results/demo.json`, its settings from `mrcnn/demo.py`):
+
+# %% tags=["remove-input"]
+if results is not None:
+    demo = demo_results()["report"]
+    steps, batch = settings["iterations"], settings["batch_size"]
+    default_arm = results["arms"].get("fpn")
+    level = f"{default_arm['mask_AP']['mean']:.1f}" if default_arm else "(not run)"
+    display(Markdown(
+        f"Each run trains {steps:,} steps of {batch} images ({steps * batch:,} images), "
+        f"{steps / DEMO_DEFAULTS['iterations']:.0%} of the demo's {DEMO_DEFAULTS['iterations']:,} steps. "
+        f"The default arm (FPN, sigmoid masks) reaches a mean mask AP of {level} on the held-out shapes; "
+        f"the demo's model, the same preset after its full schedule, reached {100 * demo['mask_AP']:.1f} "
+        f"(one run, seed {demo['arguments']['seed']}). "
+        + ("The models of the sweep are therefore far from converged, which is worth keeping in mind for every "
+           "comparison below: a short run measures how fast a design learns as much as how good it is."
+           if default_arm and default_arm["mask_AP"]["mean"] < 0.8 * 100 * demo["mask_AP"] else
+           "The sweep's runs are thus near the demo's level: the comparisons below are between trained models.")))
+
+# %% [markdown]
 # Two helpers draw every table and chart of this chapter from the results file: ours (AP in %
 # on the held-out shapes) next to the paper's (AP in % on COCO).
 
@@ -178,6 +196,85 @@ def paired_difference(arm_a, arm_b, key="mask_AP", key_b=None):
     if not d:
         return None
     return float(np.mean(d)), float(np.std(d, ddof=1)) if len(d) > 1 else 0.0, d
+
+
+# %% [markdown]
+# ## How a comparison is read
+#
+# Each of the paper's comparisons becomes one verdict, decided from the paired differences:
+#
+# - **beyond the seeds** when the mean difference $\bar d$ is larger than twice its standard
+#   error $s_d / \sqrt{n}$ (a rough two-sigma rule; with two or three seeds it is a weak test);
+# - **reproduced** when the difference is beyond the seeds and has the paper's sign; for the two
+#   claims that two arms are on par (RoIWarp against RoIPool, class-agnostic against
+#   class-specific masks), when it is *not* beyond the seeds, which with few seeds is weak
+#   evidence of parity rather than proof;
+# - **not reproduced** otherwise: within the spread of the seeds, or beyond it with the sign
+#   reversed;
+# - **not measurable here** when either arm's mean is below a floor of `FLOOR` AP points: such a
+#   model has barely started to detect, and a difference between it and another says more
+#   about that than about the design the paper measures.
+
+# %%
+FLOOR = 2.0  # AP points
+
+# (paper table, arm a, arm b, metric, the paper's a and b, the paper's claim, metric of b if another)
+COMPARISONS = [
+    ("2c", "c4_align", "c4_pool", "mask_AP", (30.3, 26.9), "better", None),
+    ("2c", "c4_align", "c4_warp", "mask_AP", (30.3, 27.1), "better", None),
+    ("2c", "c4_warp", "c4_pool", "mask_AP", (27.1, 26.9), "on par", None),
+    ("2c", "c4_align", "c4_pool", "mask_AP75", (31.5, 26.4), "better", None),
+    ("2d", "c5_align", "c5_pool", "mask_AP", (30.9, 23.6), "better", None),
+    ("2d", "c5_align", "c5_pool", "box_AP", (34.0, 28.2), "better", None),
+    ("2b", "fpn", "fpn_softmax", "mask_AP", (30.3, 24.8), "better", None),
+    ("2b", "fpn", "fpn_softmax", "mask_AP", (30.3, 24.8), "better", "mask_two_way_AP"),
+    ("2b", "fpn", "fpn_agnostic", "mask_AP", (30.3, 29.7), "on par", None),
+    ("2e", "fpn", "fpn_mlp", "mask_AP", (33.6, 31.5), "better", None),
+    ("2a", "fpn", "c4_align", "mask_AP", (33.6, 30.3), "better", None),
+    ("3", "fpn", "faster_fpn", "box_AP", (38.2, 37.3), "better", None),
+]
+
+
+def verdict(a, b, key, claim, key_b=None):
+    """(verdict, paired difference or None) for the paper's claim that arm a is `claim` ("better" or "on par") against b."""
+    d = paired_difference(a, b, key, key_b)
+    if d is None:
+        return "not run", None
+    mean, std, values = d
+    levels = arm_stats(a)[key]["mean"], arm_stats(b)[key_b or key]["mean"]
+    beyond = len(values) > 1 and abs(mean) > 2 * std / np.sqrt(len(values))
+    if min(levels) < FLOOR:
+        return "not measurable here", d
+    if claim == "on par":
+        return ("reproduced: on par within the seeds" if not beyond else "not reproduced: they differ beyond the seeds"), d
+    if not beyond:
+        side = "the paper's direction" if mean > 0 else "the other direction"
+        return f"not reproduced: within the spread of the seeds ({side})", d
+    return ("reproduced" if mean > 0 else "not reproduced: reversed, beyond the seeds"), d
+
+
+def label(arm, key_b=None):
+    return f"{arm} (read as $m_k > m_0$)" if key_b else arm
+
+
+def show_reading(table):
+    """One line per comparison of a paper table: ours per seed, the arms' levels, the paper's, the verdict."""
+    if results is None:
+        return
+    lines = []
+    for t, a, b, key, (paper_a, paper_b), claim, key_b in COMPARISONS:
+        if t != table:
+            continue
+        text, d = verdict(a, b, key, claim, key_b)
+        if d is None:
+            lines.append(f"- {a} − {label(b, key_b)}, {key}: not run")
+            continue
+        mean, std, values = d
+        level_a, level_b = arm_stats(a)[key]["mean"], arm_stats(b)[key_b or key]["mean"]
+        lines.append(f"- {a} − {label(b, key_b)}, {key}: {mean:+.1f} ± {std:.1f} over {len(values)} seeds "
+                     f"({', '.join(f'{v:+.1f}' for v in values)}), from {level_a:.1f} against {level_b:.1f}; "
+                     f"paper {paper_a - paper_b:+.1f} ({paper_a} against {paper_b}). **{text.capitalize()}.**")  # fmt: skip
+    display(Markdown("\n".join(lines)))
 
 
 # %% [markdown]
@@ -330,7 +427,7 @@ print("FPN level of these boxes (eq. 1 of the FPN paper):",
 # %% [markdown]
 # The last line matters for reading our results: with FPN, a RoI is pooled from the level that
 # suits its size, $k = \lfloor 4 + \log_2(\sqrt{wh}/224) \rfloor$, and every shape of 16 to 56
-# pixels lands on P2, stride 4, where rounding costs a pixel. That is why the paper measures
+# pixels lands on P2, stride 4, where rounding costs a pixel (the table's first row). That is why the paper measures
 # RoIAlign on C4 (stride 16) and C5 (stride 32), single maps, and why we do too: only there
 # does the rounding bite. (The paper reports a smaller gain with FPN: +1.5 mask AP.)
 #
@@ -350,30 +447,37 @@ show_table("2d")
 bar_chart("2d")
 
 # %% [markdown]
-# **Stride 16 (Table 2c): the paper's result holds, and more strongly.** RoIAlign reaches
-# about 8 mask AP after 300 steps; RoIPool and RoIWarp about 3, and the two rounding layers
-# are indistinguishable from each other, exactly the paper's pattern ("RoIWarp performs on par
-# with RoIPool and much worse than RoIAlign"). Bilinear sampling alone buys nothing; not rounding
-# the box is what counts. The seeds of one arm differ by a point at most, the arms by five, so
-# the gap is far beyond the noise. It shows in box AP too, since the C4 model's box head reads the same pooled
-# features (the paper reports box AP only for stride 32).
+# What the paired differences say for each claim of these two tables (the rules of "How a
+# comparison is read" above):
+
+# %%
+show_reading("2c")
+show_reading("2d")
+if results is not None and arm_stats("c4_align") and arm_stats("c4_pool"):
+    kept = arm_stats("c4_pool")["mask_AP"]["mean"] / arm_stats("c4_align")["mask_AP"]["mean"]
+    print(f"at stride 16, RoIPool keeps {kept:.0%} of RoIAlign's mask AP here; {26.9 / 30.3:.0%} in the paper's Table 2c")
+
+# %% [markdown]
+# How to read them. RoIWarp interpolates like RoIAlign but rounds the box like RoIPool, so it
+# isolates the cause: where RoIWarp sits with RoIPool and both below RoIAlign, bilinear sampling
+# alone buys nothing and not rounding the box is what counts, the paper's finding ("RoIWarp
+# performs on par with RoIPool and much worse than RoIAlign"). The C4 model's box head reads the
+# same pooled features, so the gap can show in box AP too (the tables' box AP column; the paper
+# reports box AP only for stride 32).
 #
-# The gap is much larger in relative terms than on COCO: RoIPool keeps about a third of
-# RoIAlign's mask AP here, 89% of it there. The cell above says why: our objects are 16 to 56 pixels, so rounding their corners
-# to a 16-pixel grid leaves a box that overlaps the true one with an IoU of about 0.63 on
-# average; COCO's objects, mostly larger at 800 pixels a side, lose a smaller share. A second
-# reason is the budget: 300 steps is a fifth of the demo's schedule (the demo's FPN model reaches
-# about 66 mask AP after 1500), and a layer that feeds misplaced features may also learn more
-# slowly. Whether the gap narrows with longer training, this sweep cannot say.
+# Where RoIPool keeps a smaller share of RoIAlign's AP here than on COCO, the cell before the
+# tables gives one reason: rounding the corners of boxes of the shapes' sizes to a 16-pixel grid
+# leaves a box that overlaps the true one only with the mean IoU printed there, while COCO's
+# objects, mostly larger at 800 pixels a side, lose a smaller share of their area. The budget
+# may be a second reason: a layer that feeds misplaced features may also learn more slowly, and
+# a short run measures speed as much as level.
 #
-# **Stride 32 (Table 2d): not measurable at this scale.** On 128-pixel images the C5 map is
-# 4 x 4 cells, every anchor sits on it, and after 300 steps neither model detects much (box AP
-# about 1). RoIAlign is ahead (0.7 against 0.3 mask AP for RoIPool and 0.5 for RoIWarp, the
-# paper's direction), but on a floor
-# where such differences say little. The paper's C5 map of an 800 x 1216 image has 25 x 38
-# cells. Testing 2d here needs larger images or a much longer run, for example
-# `python experiments/ablations.py --table 2d --iterations 1500 --output-dir runs/ablations_2d_long
-# --results experiments/results/ablations_2d_long.json` (RoIPool's CPU path makes that an hour or more).
+# At stride 32 the C5 map of a 128-pixel image is 4 x 4 cells (the paper's C5 map of an
+# 800 x 1216 image has 25 x 38), so every anchor and every RoI sits on a handful of cells. Where
+# the stride-32 models stay below the floor, Table 2d is not measurable at this scale; testing
+# it then needs larger images or a longer run, for example `python experiments/ablations.py
+# --table 2d --iterations 3000 --output-dir runs/ablations_2d_long --results
+# experiments/results/ablations_2d_long.json` (RoIPool's CPU path makes that hours of CPU time).
 
 # %% [markdown]
 # ## Table 2b: per-class sigmoid masks against a softmax over classes
@@ -428,27 +532,31 @@ show_table("2b")
 bar_chart("2b")
 
 # %% [markdown]
-# **The softmax arm scores zero, and that is mostly the decoding.** Its boxes are as good as
-# the default model's, but with the library's rule for this variant, a pixel is in the mask when
-# $p_k$, the softmax over all $K$ classes, exceeds 0.5, the masks come out nearly empty: after 300
-# steps the mask loss is still high (about 0.96 nats a pixel against 0.25 for the sigmoid model's
-# binary loss), and the class's probability rarely passes one half where it is shared with the
-# other classes. Read the same models the way a multinomial model decides between the object
-# and the background, a pixel is in when $m_k > m_0$, and they reach about 11 mask AP (the row
-# "read as $m_k > m_0$"), about two points below the sigmoid model with the same seeds (11.0
-# against 12.9): the paper's direction, a smaller gap than its 5.5 points, and not much larger
-# than the spread of three seeds. With four classes
-# of shapes that do not look alike, competition between class channels costs little; COCO's 80
-# classes, many of them similar, make the coupling the paper warns about much more expensive.
-# The lesson for reading Table 2b: the number depends on the decoding rule as well as on the
-# loss, and a short training run exaggerates that.
+# The paired differences:
+
+# %%
+show_reading("2b")
+
+# %% [markdown]
+# How to read them. **The softmax arm's mask AP depends on how its masks are decoded.** With
+# the library's rule for this variant, a pixel is in the mask when $p_k$, the softmax over all
+# $K$ classes, exceeds 0.5: where the probability is shared with the other classes, the class
+# can have the largest logit and still not pass one half, and the masks come out smaller, or
+# empty, while the boxes are untouched (compare the box AP column with the default model's).
+# Read the same models the way a multinomial model decides between the object and the
+# background, a pixel is in when $m_k > m_0$ (the rows "read as $m_k > m_0$"), and the
+# comparison is between the losses rather than the decoding rules; that is the row to weigh
+# against the paper's 5.5 points. A gap smaller than the paper's would not be surprising: with
+# four classes of shapes that do not look alike, competition between class channels costs
+# little, while COCO's 80 classes, many of them similar, make the coupling the paper warns
+# about much more expensive. And a short training run, which leaves the softmax far from
+# confident, exaggerates the role of the decoding rule.
 #
-# **Class-agnostic masks do as well as class-specific ones** here, within the spread (13.5 against
-# 12.9 over three seeds; better for two seeds, worse for one). The paper finds them "nearly as effective"
-# (29.7 against 30.3). With one mask channel every positive RoI trains the same weights, four
-# times the data per channel of the class-specific head; after a short run that helps more than
-# the specialisation. The paper's point, that masks need not know the class once the box branch
-# has named it, holds all the more.
+# **Class-agnostic masks** (the paper: "nearly as effective", 29.7 against 30.3). With one mask
+# channel every positive RoI trains the same weights, four times the data per channel of the
+# class-specific head, which after a short run may help more than the specialisation costs.
+# Either way the paper's point is about the class-specific head being unnecessary once the box
+# branch has named the class: "on par" here supports it.
 
 # %% [markdown]
 # ## Table 2e: an FCN mask head against an MLP
@@ -462,23 +570,30 @@ bar_chart("2b")
 
 # %%
 show_source(mask_head_and_predictor)
+weights = {}
 for head_name in ("fcn", "mlp"):
     model = MaskRCNN(shapes_small().replace(mask_head=head_name))
-    count = sum(p.numel() for p in model.mask_branch.parameters())
-    print(f"{head_name}: {count:,} mask-branch weights")
+    weights[head_name] = sum(p.numel() for p in model.mask_branch.parameters())
+    print(f"{head_name}: {weights[head_name]:,} mask-branch weights")
+print(f"the MLP's mask branch has {weights['mlp'] / weights['fcn']:.0f} times the FCN's weights")
 
 # %%
 show_table("2e")
 bar_chart("2e")
 
+# %%
+show_reading("2e")
+if results is not None and arm_stats("fpn") and arm_stats("fpn_mlp"):
+    for metric in ("mask_AP50", "mask_AP75"):
+        share = arm_stats("fpn_mlp")[metric]["mean"] / arm_stats("fpn")[metric]["mean"]
+        print(f"{metric}: the MLP reaches {share:.0%} of the FCN's")
+
 # %% [markdown]
-# **The FCN head wins clearly, and where the paper says it should.** The MLP reaches about 8
-# mask AP against the FCN's 13: the paper's direction, with a larger gap (its 2.1 points on
-# COCO). The breakdown is telling: at an IoU of 0.5 the two are close (AP$_{50}$ about 22 against
-# 24), while at 0.75 the MLP falls to about a third of the FCN's AP$_{75}$. The MLP finds the
-# objects but draws them coarsely: with no convolution it must learn from data that neighbouring
-# pixels go together, which a short run does not give it, and its 4 million weights (26 times the
-# FCN's) learn from the same few thousand RoIs.
+# How to read them. The breakdown by IoU threshold tells where an MLP head loses, if it does:
+# a head that finds the objects but draws them coarsely keeps its AP$_{50}$ and loses at 0.75.
+# With no convolution the MLP must learn from data that neighbouring pixels go together, which
+# a short run may not give it, and its many more weights (printed above) learn from the same
+# RoIs.
 
 # %% [markdown]
 # ## Table 2a: FPN against C4 features
@@ -490,13 +605,16 @@ bar_chart("2e")
 show_table("2a")
 bar_chart("2a")
 
+# %%
+show_reading("2a")
+
 # %% [markdown]
-# **FPN beats C4 here too**, about 13 against 8 mask AP (paper: 33.6 against 30.3 with
-# ResNet-50). The comparison is the paper's, but not a clean one-switch ablation: the C4 model
-# (`shapes_small_c4` in `mrcnn/config.py`) also trains 64 RoIs per image instead of 128, as the
-# paper's C4 does, predicts $14 \times 14$ masks instead of $28 \times 28$, and its res5 head
-# costs more per RoI. And on these small objects FPN has a structural edge: it pools every RoI
-# from P2, stride 4, where C4 pools from stride 16.
+# How to read it. The comparison is the paper's, but not a clean one-switch ablation: the C4
+# model (`shapes_small_c4` in `mrcnn/config.py`) also trains 64 RoIs per image instead of 128,
+# as the paper's C4 does, predicts $14 \times 14$ masks instead of $28 \times 28$, and its res5
+# head costs more per RoI. And on these small objects FPN has a structural edge: it pools every
+# RoI from P2, stride 4 (the level count printed in the RoIAlign section), where C4 pools from
+# stride 16.
 
 # %% [markdown]
 # ## Section 4.3: does the mask branch help the boxes?
@@ -510,80 +628,46 @@ bar_chart("2a")
 # %%
 show_table("3")
 bar_chart("3")
-if results is not None and "box_AP_gain_per_seed" in results["table3"]:
-    gain = results["table3"]["box_AP_gain_per_seed"]
-    print(f"box AP, Mask R-CNN minus Faster R-CNN, per seed: {', '.join(f'{v:+.1f}' for v in gain['values'])}; "
-          f"mean {gain['mean']:+.1f} ± {gain['std']:.1f} (paper: +0.9)")  # fmt: skip
+show_reading("3")
 
 # %% [markdown]
-# **The mask branch helps the boxes, in the paper's direction, but noisily.** The default model
-# scores about 2.6 box AP above the same model without its mask branch, seed by seed, against
-# the paper's 0.9; but the seeds disagree on the size (3.6 and 4.2 for two of them, almost
-# nothing for the third), and the mean clears the two-standard-error bar below by a hair. Three
-# seeds show the sign, not the size. Both models use RoIAlign, so the difference is the extra
-# loss alone: the mask gradient flows into the shared trunk and the RoI features, and at this
-# budget a second, denser training signal may simply speed up learning. The chapter 4.3 and 4.4
+# How to read it. Both models use RoIAlign, so the difference is the extra loss alone: the mask
+# gradient flows into the shared trunk and the RoI features, and at a small budget a second,
+# denser training signal may simply speed up learning. With few seeds, the per-seed values say
+# more than the mean: seeds that disagree on the size show at most the sign. Chapter 4.3 and 4.4
 # (`04_3_box_detection_and_timing.py`) reads the same numbers from the same file.
 
 # %% [markdown]
 # ## Which directions reproduce
 #
-# Each of the paper's comparisons as a paired difference over seeds, ours against the paper's.
-# "beyond the seeds" means the mean difference is larger than twice its standard error
-# $s_d / \sqrt{n}$ (a rough two-sigma rule; with two or three seeds it is a weak test).
+# Each of the paper's comparisons as a paired difference over seeds, ours against the paper's,
+# with the verdict of the rules above:
 
 # %%
-COMPARISONS = [  # (paper table, arm a, arm b, metric, the paper's a - b, metric of b if another)
-    ("2c", "c4_align", "c4_pool", "mask_AP", 30.3 - 26.9, None),
-    ("2c", "c4_align", "c4_warp", "mask_AP", 30.3 - 27.1, None),
-    ("2c", "c4_warp", "c4_pool", "mask_AP", 27.1 - 26.9, None),
-    ("2c", "c4_align", "c4_pool", "mask_AP75", 31.5 - 26.4, None),
-    ("2d", "c5_align", "c5_pool", "mask_AP", 30.9 - 23.6, None),
-    ("2d", "c5_align", "c5_pool", "box_AP", 34.0 - 28.2, None),
-    ("2b", "fpn", "fpn_softmax", "mask_AP", 30.3 - 24.8, None),
-    ("2b", "fpn", "fpn_softmax", "mask_AP", 30.3 - 24.8, "mask_two_way_AP"),
-    ("2b", "fpn", "fpn_agnostic", "mask_AP", 30.3 - 29.7, None),
-    ("2e", "fpn", "fpn_mlp", "mask_AP", 33.6 - 31.5, None),
-    ("2a", "fpn", "c4_align", "mask_AP", 33.6 - 30.3, None),
-    ("3", "fpn", "faster_fpn", "box_AP", 38.2 - 37.3, None),
-]
-rows = ["| table | comparison | metric | paper | ours (per seed) | same direction | beyond the seeds |", "|---|---|---|---|---|---|---|"]
-for table, a, b, key, paper, key_b in COMPARISONS:
-    d = paired_difference(a, b, key, key_b)
-    if key_b:
-        b = f"{b} (read as $m_k > m_0$)"
-    if d is None:
-        rows.append(f"| {table} | {a} − {b} | {key} | {paper:+.1f} | not run | | |")
-        continue
-    mean, std, values = d
-    beyond = len(values) > 1 and abs(mean) > 2 * std / np.sqrt(len(values))
-    if abs(paper) < 0.5:  # the paper finds the two on par: so do we unless the difference is beyond the seeds
-        direction = "on par in both" if not beyond else "no: not on par here"
-    else:
-        direction = "yes" if np.sign(mean) == np.sign(paper) else "no"
-    rows.append(f"| {table} | {a} − {b} | {key} | {paper:+.1f} | {mean:+.1f} ± {std:.1f} ({', '.join(f'{v:+.1f}' for v in values)}) "
-                f"| {direction} | {'yes' if beyond else 'no'} |")  # fmt: skip
-display(Markdown("\n".join(rows)))
+rows = ["| table | comparison | metric | paper | ours: mean ± s (per seed) | verdict |", "|---|---|---|---|---|---|"]
+by_verdict = {}
+for table, a, b, key, (paper_a, paper_b), claim, key_b in COMPARISONS:
+    text, d = verdict(a, b, key, claim, key_b)
+    ours = "not run" if d is None else f"{d[0]:+.1f} ± {d[1]:.1f} ({', '.join(f'{v:+.1f}' for v in d[2])})"
+    rows.append(f"| {table} | {a} − {label(b, key_b)} | {key} | {paper_a - paper_b:+.1f} | {ours} | {text} |")
+    by_verdict.setdefault(text.split(":")[0], []).append(f"{table} {a} − {label(b, key_b)} ({key})")
+if results is not None:
+    display(Markdown("\n".join(rows)))
 
 # %% [markdown]
-# In short, at this scale (a small trunk from scratch, 300 steps, four classes of simple shapes):
-#
-# - **reproduced, clearly**: RoIAlign against RoIPool and RoIWarp at stride 16, with RoIWarp
-#   on par with RoIPool (2c); the FCN against the MLP head, mostly at high IoU (2e); FPN against
-#   C4 (2a, with the caveats above);
-# - **reproduced in direction, at or within the noise**: the mask branch's help to the boxes
-#   (Table 3, larger than the paper's but with one seed showing none); sigmoid against softmax
-#   once the softmax masks are read as $m_k > m_0$ (2b);
-# - **not reproduced**: class-agnostic masks are not worse here but, within the spread, as good or
-#   slightly better (2b), which the short budget and the four unlike classes explain;
-# - **not measurable**: stride 32 (2d), where both models are still near zero on 4 x 4 maps.
-#
-# The numbers are small because the runs are short: the shared 2-core machine allowed about an
-# hour for the whole sweep, so every arm trained 300 steps, a fifth of the demo's schedule, with
-# three seeds each (the last seeds of four arms and the RoIWarp arm at stride 32 ran later, on an
-# idle machine, with the same code commit). The spread over seeds is printed with every number;
-# three seeds make the "beyond the seeds" column a weak test, and the COCO numbers next to ours
-# are there for the direction, not the level.
+# In short, at this scale (the settings printed at the top, four classes of simple shapes):
+
+# %% tags=["remove-input"]
+if results is not None:
+    order = ("reproduced", "not reproduced", "not measurable here", "not run")
+    display(Markdown("\n".join(f"- **{name}**: {'; '.join(by_verdict[name])}" for name in order if name in by_verdict)))
+    commits = ", ".join(commit[:7] for commit in results.get("code_commits", [])) or "not recorded"
+    load = results.get("load_average_1min_over_runs")
+    load = f" (one-minute load average {load[0]} to {load[1]} over the runs)" if load else ""
+    display(Markdown(
+        f"The sweep: {len(results['arms'])} arms, seeds {settings['seeds']}, code commit(s) {commits}, on "
+        f"{machine['cpu_count']} cores{load}. The spread over seeds is printed with every number; few seeds make \"beyond the seeds\" a weak "
+        f"test, and the COCO numbers next to ours are there for the direction, not the level."))
 
 # %% [markdown]
 # ## What to try next
