@@ -41,7 +41,6 @@ import contextlib
 import io
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -51,15 +50,11 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from book_helpers import DEMO_CHECKPOINT, repository_root, show_source
+from book_helpers import demo_results, show_source, trained_shapes_model
 from mrcnn.boxes import box_iou
-from mrcnn.checkpoint import config_from_checkpoint, load_checkpoint, load_model_state
-from mrcnn.config import shapes_small
 from mrcnn.data.coco import CocoDataset
 from mrcnn.data.shapes import generate_shapes
 from mrcnn.evaluate import coco_evaluate, detections_to_coco_results, evaluate
-from mrcnn.model import MaskRCNN
-from mrcnn.train import TrainSettings, train
 from mrcnn.visualize import detections_figure
 from IPython.display import display
 
@@ -171,31 +166,16 @@ show_source(detections_to_coco_results, evaluate)
 # COCO and a day on 8 GPUs are out of reach of a notebook, so the measurement below is on the
 # synthetic shapes (chapter "Training"): four classes, one to four objects a picture, touching
 # and occluding each other, on textured backgrounds, in COCO's file format. The model is the
-# demo's (`make demo` trains the `shapes_small` preset for about ten minutes and writes
-# `runs/demo/train/checkpoint.pt`) when that file exists. Otherwise the notebook trains one for
-# 60 steps, under a minute: a model that has barely started, with an AP near zero, whose
-# pictures below show what an untrained detector gets wrong. Either way the numbers are
-# measured here, not copied; `evaluate` prints COCO's own 12-line summary for each IoU type
-# first, then the table in the paper's layout.
+# book's (`trained_shapes_model`: the `shapes_small` preset trained once from a fixed seed and
+# kept in `runs/book/`; the introduction prints its settings), scored on held-out pictures it
+# never trained on. The numbers are measured here, not copied; `evaluate` prints COCO's own
+# 12-line summary for each IoU type first, then the table in the paper's layout.
 
 # %%
 work = Path(tempfile.mkdtemp(prefix="main_results_"))
-demo_checkpoint = DEMO_CHECKPOINT  # runs/demo/train/checkpoint.pt in the checkout, wherever the notebook runs
-if demo_checkpoint.exists():
-    checkpoint = load_checkpoint(demo_checkpoint)
-    model = MaskRCNN(config_from_checkpoint(checkpoint))
-    load_model_state(model, checkpoint)
-    shapes = generate_shapes(work / "shapes", num_train=0, num_val=60)  # the first of the demo's held-out images
-    origin = f"the demo's model ({checkpoint['step']} steps, {demo_checkpoint.relative_to(repository_root())})"
-else:
-    shapes = generate_shapes(work / "shapes", num_train=150, num_val=60)
-    training = CocoDataset(shapes.train_images, shapes.train_annotations, remove_images_without_annotations=True)
-    torch.manual_seed(0)
-    model = MaskRCNN(shapes_small())
-    settings = TrainSettings(iterations=60, batch_size=2, lr=0.01, warmup_iterations=10, decay_steps=(50,), checkpoint_every=60)
-    started = time.perf_counter()
-    train(model, training, settings, work / "run", progress=False)
-    origin = f"a model trained in this notebook ({settings.iterations} steps of {settings.batch_size} images, {time.perf_counter() - started:.0f} s)"
+model = trained_shapes_model()
+shapes = generate_shapes(work / "shapes", num_train=0, num_val=60)  # the first 60 held-out pictures (split "val")
+origin = "the book's model"
 held_out = CocoDataset(shapes.val_images, shapes.val_annotations)
 metrics = evaluate(model, held_out, output_dir=work / "evaluation", progress=False)
 print(f"\n{origin}, on {len(held_out)} held-out images (%):")
@@ -203,6 +183,11 @@ print(f"{'':6s}" + "".join(f"{name:>7s}" for name in ("AP", "AP50", "AP75", "APs
 for iou_type, row in (("segm", "mask"), ("bbox", "box")):
     print(f"{row:6s}" + "".join(f"{100 * metrics[iou_type][k]:7.1f}" if metrics[iou_type][k] >= 0 else f"{'-':>7s}"
                                 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
+demo = demo_results()  # experiments/results/demo.json: one measured `make demo` run
+report = demo["report"]
+print(f"\nfor comparison, the demo's model ({report['steps']:,} steps of {report['arguments']['batch_size']} images, "
+      f"measured {demo['date']}) on its {report['arguments']['num_val']} held-out images: "
+      f"mask AP {100 * report['mask_AP']:.1f}, box AP {100 * report['box_AP']:.1f}")
 
 # %% [markdown]
 # AP at each IoU threshold shows where the points are lost: a model that finds the objects but
@@ -275,8 +260,8 @@ for title, chosen in (("best", quality[:3]), ("worst", quality[-3:])):
 #
 # ## What to try next
 #
-# - Run `make demo` (ten minutes on a laptop CPU), then run this notebook again: it evaluates
-#   the demo's model instead of training its own.
+# - Run `make demo` and evaluate its model the same way (`mrcnn evaluate --data runs/demo/shapes
+#   --weights runs/demo/train/checkpoint.pt`): how far does a full schedule take it?
 # - Draw a harder data set (`mrcnn shapes --max-objects 8`) and evaluate the same model on it:
 #   which of AP$_S$, AP$_M$, AP$_L$ falls most?
 # - Evaluate with the masks binarized at 0.4 or 0.6 instead of 0.5
