@@ -224,9 +224,10 @@ show_source(learning_rate_factor)
 #   image horizontally with probability 1/2, and so does `mrcnn/train.py` (`TrainSettings.flip`,
 #   each flip decided by the seed, the epoch and the image).
 #
-# The demo and the book's trained model also clip the gradient norm at 10
-# (`TrainSettings.clip_grad_norm`, off by default), which the paper does not do either: trained
-# from scratch, the small model's box losses can otherwise spike early and diverge.
+# The demo and the book's trained model also clip the gradient norm (`clip_grad_norm` in the
+# demo's settings, `DEMO_DEFAULTS` in `mrcnn/demo.py`; off by default in `TrainSettings`), which
+# the paper does not do either: trained from scratch, the small model's box losses can otherwise
+# spike early and diverge.
 
 # %% [markdown]
 # ## A short training run

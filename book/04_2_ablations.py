@@ -540,8 +540,8 @@ show_reading("2b")
 # %% [markdown]
 # How to read them. **The softmax arm's mask AP depends on how its masks are decoded.** With
 # the library's rule for this variant, a pixel is in the mask when $p_k$, the softmax over all
-# $K$ classes, exceeds 0.5: where the probability is shared with the other classes, the class
-# can have the largest logit and still not pass one half, and the masks come out smaller, or
+# $K$ classes, exceeds one half: where the probability is shared with the other classes, the
+# class can have the largest logit and still not pass it, and the masks come out smaller, or
 # empty, while the boxes are untouched (compare the box AP column with the default model's).
 # Read the same models the way a multinomial model decides between the object and the
 # background, a pixel is in when $m_k > m_0$ (the rows "read as $m_k > m_0$"), and the
@@ -590,7 +590,7 @@ if results is not None and arm_stats("fpn") and arm_stats("fpn_mlp"):
 
 # %% [markdown]
 # How to read them. The breakdown by IoU threshold tells where an MLP head loses, if it does:
-# a head that finds the objects but draws them coarsely keeps its AP$_{50}$ and loses at 0.75.
+# a head that finds the objects but draws them coarsely keeps its AP$_{50}$ and loses its AP$_{75}$.
 # With no convolution the MLP must learn from data that neighbouring pixels go together, which
 # a short run may not give it, and its many more weights (printed above) learn from the same
 # RoIs.
@@ -634,8 +634,9 @@ show_reading("3")
 # How to read it. Both models use RoIAlign, so the difference is the extra loss alone: the mask
 # gradient flows into the shared trunk and the RoI features, and at a small budget a second,
 # denser training signal may simply speed up learning. With few seeds, the per-seed values say
-# more than the mean: seeds that disagree on the size show at most the sign. Chapter 4.3 and 4.4
-# (`04_3_box_detection_and_timing.py`) reads the same numbers from the same file.
+# more than the mean: seeds that disagree on the size show at most the sign. The chapter on box
+# detection and timing (`04_3_box_detection_and_timing.py`) reads the same numbers from the same
+# file.
 
 # %% [markdown]
 # ## Which directions reproduce
