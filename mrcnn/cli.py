@@ -7,8 +7,14 @@
     mrcnn demo     --output-dir runs/demo                         # all of it, in minutes on a CPU
 
 A data set is a folder in COCO's layout, `ROOT/annotations/instances_SPLIT.json` with the
-images in `ROOT/SPLIT/` (what `mrcnn shapes` writes; COCO itself with `--split val2017`).
-`--weights` is a checkpoint of ours or a torchvision `maskrcnn_resnet50_fpn` state dict.
+images in `ROOT/SPLIT/` (what `mrcnn shapes` writes; COCO itself with `--split val2017`); a
+keypoint file, `ROOT/annotations/person_keypoints_SPLIT.json`, is read when there is no instances
+file, or named with `--annotations FILE`, and trains and scores the keypoint head.
+`--weights` is a checkpoint of ours or a torchvision `maskrcnn_resnet50_fpn` (or
+`keypointrcnn_resnet50_fpn`) state dict; `mrcnn train --weights` also takes an ImageNet ResNet, and
+any of them for a data set of another class count (fine-tuning: the class-specific layers are
+re-initialised, and named). `--amp bf16` runs the model under autocast (on a CPU too, for
+evaluate, predict and the demo's scoring), `--amp fp16` on CUDA only.
 
 This module only parses: the services the commands share (opening a data set, loading weights,
 running a training) live in mrcnn/jobs.py, the demo in mrcnn/demo.py. A new command is one
@@ -42,6 +48,8 @@ from mrcnn.export import OUTPUT_FILES, RUNTIME_NAME, export_onnx
 from mrcnn.jobs import (
     LOSS_CURVE_NAME,
     UsageError,
+    check_amp,
+    check_classes,
     choose_device,
     class_names_for,
     load_weights,
@@ -51,7 +59,7 @@ from mrcnn.jobs import (
     run_training,
     set_threads,
 )
-from mrcnn.predict import predict_files
+from mrcnn.predict import PICTURE_SUFFIX, image_files, predict_files
 from mrcnn.train import read_log
 from mrcnn.visualize import loss_curve_figure
 
@@ -63,6 +71,7 @@ WRITE_ERRORS = {
     errno.EACCES: "permission denied (a read-only folder?)",
     errno.EPERM: "operation not permitted (a read-only folder?)",
 }
+AMP_CHOICES = ("off", "bf16", "fp16")
 LARGEST_LR = float(torch.finfo(torch.float32).max)  # the weights are float32: a larger rate is no number to them
 
 
@@ -117,6 +126,11 @@ def fraction(text: str) -> float:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
     return value
+
+
+def add_amp_option(parser) -> None:
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="off",
+                        help="run the model under autocast: bf16 (CPU or CUDA) or fp16 (CUDA) (default off)")  # fmt: skip
 
 
 def add_common_options(parser, weights_help: str | None = None, output: str = "runs") -> None:
@@ -180,11 +194,21 @@ def add_shapes_command(subcommands) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Train Mask R-CNN on a COCO-layout data set (paper section 3.1); checkpoints and a log in --output-dir.
 
+    The model has the data set's classes (and keypoints). --weights FILE fine-tunes: a checkpoint of
+    ours, a torchvision maskrcnn_resnet50_fpn or keypointrcnn_resnet50_fpn state dict (of any class
+    count) or an ImageNet ResNet loads where it fits, and the class-specific layers it cannot fill
+    are re-initialised and named. The preset: --config, else the checkpoint's own, else
+    torchvision's for a torchvision or ImageNet file, else shapes_small (figures_small for the
+    stick figures, torchvision_keypointrcnn_resnet50_fpn for other keypoints); a ResNet preset
+    with no pretrained weights trains from scratch (config.from_scratch). Category ids that are
+    not 1..K-1 are mapped to contiguous labels, and said.
+
     A folder that already holds a run is continued with --resume, started over with --overwrite,
     and refused otherwise. The same command with the same --seed and --threads gives the same
     losses and weights, bit for bit."""
     directory = output_directory(args.output_dir)
-    dataset = open_dataset(args.data, args.split, train=True)
+    dataset = open_dataset(args.data, args.split, train=True, verify_images=not args.no_verify_images,
+                           annotations=args.annotations)  # fmt: skip
     _, summary = run_training(args, dataset, directory)
     if summary["rank"] != 0:  # under torchrun, the first process reports
         return 0
@@ -205,7 +229,7 @@ def add_training_options(parser, iterations: int | None = None, batch_size: int 
     parser.add_argument("--lr", type=learning_rate, default=None, help="learning rate (default 0.02 x batch / 16)")
     parser.add_argument("--warmup", type=count(0), default=None, help="linear warm-up steps (default min(1000, steps / 10))")
     parser.add_argument("--clip-grad-norm", type=positive_number, default=None, help="clip the gradient norm (default: off)")
-    parser.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision on CUDA")
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="off", help="mixed precision (training: on CUDA)")
     parser.add_argument("--workers", type=count(0), default=0, help="data-loading processes (default 0)")
     parser.add_argument("--seed", type=count(0), default=0, help="initial weights, data order, flips and sampling (default 0)")
     parser.add_argument("--checkpoint-every", type=count(1), default=500, help="steps between checkpoints (default 500)")
@@ -215,29 +239,53 @@ def add_training_options(parser, iterations: int | None = None, batch_size: int 
     parser.add_argument("--no-flip", action="store_true", help="no horizontal flipping")
 
 
+def add_data_options(parser, split: str) -> None:
+    parser.add_argument("--data", type=Path, default=Path("data/shapes"), help="data set root (default data/shapes)")
+    parser.add_argument("--split", default=split, help=f"the split: images in DATA/SPLIT (default {split})")
+    parser.add_argument("--annotations", type=Path, default=None,
+                        help="the annotation file (default DATA/annotations/instances_SPLIT.json, else "
+                             "person_keypoints_SPLIT.json); a person_keypoints_*.json file brings keypoints")  # fmt: skip
+
+
 def add_train_command(subcommands) -> None:
     parser = subcommands.add_parser("train", help="train on a COCO-layout data set", description=run_train.__doc__)
-    parser.add_argument("--data", type=Path, default=Path("data/shapes"), help="data set root (default data/shapes)")
-    parser.add_argument("--split", default="train", help="the training split (default train)")
-    add_common_options(parser, "initial weights (default: random, from --config)", output="runs/train")
+    add_data_options(parser, "train")
+    add_common_options(parser, "initial weights, of any class count: a checkpoint of ours, a torchvision maskrcnn/keypointrcnn "
+                       "state dict or an ImageNet ResNet (default: random, from --config)", output="runs/train")  # fmt: skip
     parser.add_argument("--backbone-weights", type=Path, default=None,
                         help="a torchvision ImageNet resnet50/resnet101 state dict for the backbone (the paper's initialization)")  # fmt: skip
+    parser.add_argument("--freeze-at", type=count(0), choices=range(6), metavar="{0..5}", default=None,
+                        help="freeze the stem and the first N-1 residual stages (Detectron2's FREEZE_AT: 0 nothing, 2 the "
+                             "stem and res2 as the ResNet-50 presets, 5 the whole backbone): config.trainable_stages = 5 - N")  # fmt: skip
+    parser.add_argument("--norm", choices=("frozen_bn", "bn", "sync_bn", "gn"), default=None,
+                        help="the backbone's normalization (default: the preset's)")  # fmt: skip
+    parser.add_argument("--head-norm", choices=("none", "bn", "sync_bn", "gn"), default=None,
+                        help="the normalization in the FPN and the mask and keypoint heads (default: the preset's)")  # fmt: skip
+    parser.add_argument("--no-verify-images", action="store_true",
+                        help="do not decode every image before training (for huge data sets); a broken image then stops "
+                             "the run when it is read, after saving the steps done")  # fmt: skip
     add_training_options(parser)
     parser.set_defaults(run=run_train)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    """COCO box and mask AP of --weights on a data set split (paper section 4); writes metrics.json."""
+    """COCO box and mask AP of --weights on a data set split (paper section 4), and keypoint AP on a
+    keypoint file (section 5); writes metrics.json and detections.json.
+
+    The model's classes must be the data set's: the count, and the names label by label when the
+    checkpoint records them (a data set whose categories are renumbered is refused, not scored)."""
     directory = output_directory(args.output_dir)
     if args.weights is None:
         raise UsageError("evaluate needs --weights (a checkpoint of ours or a torchvision state dict)")
     device = choose_device(args.device)
+    check_amp(args.amp, device)
     set_threads(args.threads)
-    model, _, source = load_weights(args.weights, args.config)
-    dataset = open_dataset(args.data, args.split, contiguous_labels=source != "torchvision")
+    model, metadata, source = load_weights(args.weights, args.config)
+    dataset = open_dataset(args.data, args.split, contiguous_labels=source != "torchvision", annotations=args.annotations)
+    check_classes(model, metadata, dataset, args.weights)
     if args.max_images is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(args.max_images, len(dataset))))
-    metrics = evaluate(model.to(device), dataset, device, output_dir=directory, progress=True)
+    metrics = evaluate(model.to(device), dataset, device, output_dir=directory, progress=True, amp=args.amp)
     print(metrics_table(metrics))
     print(f"metrics: {directory / 'metrics.json'}, detections: {directory / 'detections.json'}")
     return 0
@@ -245,42 +293,58 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def add_evaluate_command(subcommands) -> None:
     parser = subcommands.add_parser("evaluate", help="COCO AP on a data set split", description=run_evaluate.__doc__)
-    parser.add_argument("--data", type=Path, default=Path("data/shapes"), help="data set root (default data/shapes)")
-    parser.add_argument("--split", default="val", help="the split to score (default val)")
+    add_data_options(parser, "val")
     parser.add_argument("--max-images", type=count(1), default=None, help="only the first N images")
+    add_amp_option(parser)
     add_common_options(parser, output="runs/evaluate")
     parser.set_defaults(run=run_evaluate)
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    """Detect objects in PNG/JPEG files: a picture per image and detections.json in --output-dir.
+    """Detect objects in image files (PNG, JPEG, BMP, TIFF): a picture per image, and detections.json
+    (COCO's results format, with each image's file_name) and images.json in --output-dir.
 
+    IMAGES are files, folders (their images, sorted; subfolders too with --recursive) or glob
+    patterns. The images stream through the model --batch-size at a time, never all in memory.
     The picture of `a.png` is `a.pred.png`; inputs that share a name are numbered in the order
     given (`a.pred.png`, `a-2.pred.png`, ...), and an output that would replace an input is refused."""
     directory = output_directory(args.output_dir)
     if args.weights is None:
         raise UsageError("predict needs --weights (a checkpoint of ours or a torchvision state dict)")
-    for path in args.images:
-        if not path.is_file():
-            raise UsageError(f"image {path} does not exist")
+    try:
+        paths = image_files(args.images, args.recursive)
+    except ValueError as error:  # a missing file, a folder without images
+        raise UsageError(str(error)) from None
     device = choose_device(args.device)
+    check_amp(args.amp, device)
     set_threads(args.threads)
     model, metadata, _ = load_weights(args.weights, args.config)
+    category_ids = {int(label): c for label, c in metadata.get("label_to_category_id", {}).items()} or None
+    batch_size = args.batch_size or (4 if device.type == "cuda" else 1)
     try:
-        records = predict_files(model.to(device), args.images, directory, class_names_for(model, metadata), device,
-                                args.score_threshold)  # fmt: skip
-    except ValueError as error:  # an unreadable image, an output over an input
+        summary = predict_files(model.to(device), paths, directory, class_names_for(model, metadata), device,
+                                args.score_threshold, batch_size, args.amp, category_ids, args.workers)  # fmt: skip
+    except ValueError as error:  # an unreadable or too thin image, an output over an input
         raise UsageError(str(error)) from None
-    for record in records:
-        print(f"{record['file']}: {len(record['detections'])} detections -> {record['picture']}")
-    print(f"detections: {directory / 'detections.json'}")
+    notes = summary["notes"]
+    for note in notes[:5]:
+        print(f"note: {note}")
+    if len(notes) > 5:
+        print(f"note: {len(notes) - 5} more images converted to RGB")
+    print(f"{summary['images']} images, {summary['detections']} detections: pictures {directory}/*{PICTURE_SUFFIX}, "
+          f"detections {directory / 'detections.json'}, images {directory / 'images.json'}")  # fmt: skip
     return 0
 
 
 def add_predict_command(subcommands) -> None:
     parser = subcommands.add_parser("predict", help="detect objects in image files", description=run_predict.__doc__)
-    parser.add_argument("images", type=Path, nargs="+", help="PNG or JPEG files")
+    parser.add_argument("images", type=Path, nargs="+", metavar="IMAGES",
+                        help="image files (png, jpg, bmp, tif), folders of them, or glob patterns")  # fmt: skip
+    parser.add_argument("--recursive", action="store_true", help="take the images in the folders' subfolders too")
     parser.add_argument("--score-threshold", type=fraction, default=0.5, help="keep detections scoring at least this")
+    parser.add_argument("--batch-size", type=count(1), default=None, help="images per forward pass (default 4 on CUDA, 1 on a CPU)")
+    parser.add_argument("--workers", type=count(0), default=0, help="processes that read the next images ahead (default 0)")
+    add_amp_option(parser)
     add_common_options(parser, output="runs/predict")
     parser.set_defaults(run=run_predict)
 

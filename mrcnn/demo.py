@@ -38,10 +38,11 @@ import torch.multiprocessing as mp
 
 from mrcnn.checkpoint import load_checkpoint, model_from_checkpoint
 from mrcnn.data.shapes import ShapesPaths, generate_shapes
-from mrcnn.evaluate import evaluate
+from mrcnn.evaluate import evaluate, mixed_precision
 from mrcnn.jobs import (
     LOSS_CURVE_NAME,
     UsageError,
+    check_amp,
     choose_device,
     metrics_table,
     open_dataset,
@@ -78,17 +79,18 @@ def run_demo(args: argparse.Namespace) -> int:
     data). The same command with the same --seed and --threads gives the same weights, bit for bit."""
     if args.batch_size % args.processes:
         raise UsageError(f"--batch-size {args.batch_size} must be a multiple of --processes {args.processes}")
+    device = choose_device(args.device)
+    check_amp(args.amp, device, training=True)  # before anything is drawn
     started, seconds = time.perf_counter(), {}
     directory = claim_output_directory(args)
     with stopwatch(seconds, "data"):
         paths = draw_data(args, directory)
     with stopwatch(seconds, "train"):
         model, summary = train_model(args, paths, directory / "train")
-    device = choose_device(args.device)
     with stopwatch(seconds, "evaluate"):
-        held_out, metrics = score(model, paths, directory, device)
+        held_out, metrics = score(model, paths, directory, device, args.amp)
     with stopwatch(seconds, "figures"):
-        draw_figures(model, held_out, directory, device)
+        draw_figures(model, held_out, directory, device, args.amp)
     seconds["total"] = time.perf_counter() - started
     write_report(args, directory, metrics, summary, seconds, device)
     print_report(directory, metrics, summary, seconds, len(held_out))
@@ -155,10 +157,10 @@ def train_model(args: argparse.Namespace, paths: ShapesPaths, output_dir: Path) 
     return train_in_processes(args, paths.root, output_dir)
 
 
-def score(model: torch.nn.Module, paths: ShapesPaths, directory: Path, device: torch.device) -> tuple:
+def score(model: torch.nn.Module, paths: ShapesPaths, directory: Path, device: torch.device, amp: str = "off") -> tuple:
     """COCO's box and mask AP on the held-out split, written to `directory/metrics.json`: (held-out set, metrics)."""
     held_out = open_dataset(paths.root, "val")
-    return held_out, evaluate(model, held_out, device, output_dir=directory, progress=True)
+    return held_out, evaluate(model, held_out, device, output_dir=directory, progress=True, amp=amp)
 
 
 def _training_process(rank: int, world_size: int, port: int, args: argparse.Namespace, root, output_dir) -> None:
@@ -199,14 +201,15 @@ def train_in_processes(args: argparse.Namespace, root, output_dir) -> tuple:
     return model.to(choose_device(args.device)), summary
 
 
-def draw_figures(model: torch.nn.Module, held_out, directory: Path, device: torch.device) -> None:
+def draw_figures(model: torch.nn.Module, held_out, directory: Path, device: torch.device, amp: str = "off") -> None:
     """The loss curve, the first held-out images with the model's detections above the ground truth,
     and RoIPool's bins against RoIAlign's samples."""
     loss_curve_figure(read_log(directory / "train" / LOG_NAME)).savefig(directory / LOSS_CURVE_NAME, dpi=110)
     model.eval()
     shown = [held_out[i] for i in range(min(SHOWN_IMAGES, len(held_out)))]
-    with torch.inference_mode():
-        detections = [{k: v.cpu() for k, v in model([image.to(device)])[0].items()} for image, _ in shown]
+    with torch.inference_mode(), mixed_precision(device, amp):
+        found = [model([image.to(device)])[0] for image, _ in shown]
+    detections = [{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in d.items()} for d in found]  # bf16 -> float32
     images = [image for image, _ in shown] * 2
     titles = [f"prediction, image {t['image_id']}" for _, t in shown] + [f"ground truth, image {t['image_id']}" for _, t in shown]
     figure = detections_figure(images, detections + [target for _, target in shown], held_out.category_names, 0.5,
