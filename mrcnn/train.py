@@ -13,6 +13,36 @@ of how the batch is split across processes: the RoI sampler, the mask loss's ave
 positive RoIs and the batch statistics of `nn.BatchNorm2d` all see one image at a time, exactly
 as in a run of B processes with one image each.
 
+**The batched forward pass** (`TrainSettings.batched_forward`; by default on CUDA, where one
+image at a time leaves the device idle, and never elsewhere). A process of a world of W gives
+its B/W images to the model as one list: one padded batch through the backbone, the FPN and the
+RPN, the RoIs still sampled per image (the paper's "N RoIs per image"). Its step minimizes
+
+    L_step = 1/W sum_{w=1..W} L(images of process w)
+
+where L(list) is the model's loss on the list, whose terms are means over the whole list:
+L_objectness over the anchors sampled in all its images (256 per image), L_rpn_box and the box
+branch's two terms over all its sampled anchors or RoIs (512 per image at most: fewer when an
+image has fewer proposals), L_mask over all its positive RoIs. So an image weighs in by its
+sampled anchors and RoIs, not 1/B each: an image with more positive RoIs weighs more in L_mask.
+Besides, the images are zero-padded to the largest of the list (rounded up to a multiple of
+`size_divisible`) instead of each to its own size, so the anchors cover the padding too (more
+background anchors to sample from) and the features near an image's bottom and right edges
+depend on its neighbours' sizes; the batch statistics of a trainable `nn.BatchNorm2d` are those
+of the process's B/W images, padding included; and the samplers draw from one generator seeded
+per forward pass, at the first image's position. A run of W processes then no longer gives the
+weights of one process. What still holds: with one image per process the batched pass is the
+per-image pass (the same weights, any W), and its logged loss is the model's loss on the list.
+
+**Host synchronisation.** A step reads nothing back from the device: its losses stay there until
+the log reads `log_every` steps of them at once (by default every step on a CPU, every 20 on
+CUDA; always at a checkpoint and at the end). The check that the loss is finite waits for that
+read, so with `log_every` k a non-finite loss stops the run up to k - 1 steps late, after
+updating the weights with it; but every checkpoint step reads the losses before its update, and
+the weights are checked before they are saved (`save_progress`), so no checkpoint ever holds
+weights that a non-finite loss, or an update, has touched. The batches come from page-locked
+memory (`pin_memory`, by default on CUDA) so that the copies to the device are asynchronous.
+
 **The schedule** (section 3.1, "Training"): "We train on 8 GPUs (so effective minibatch size is
 16) for 160k iterations, with a learning rate of 0.02 which is decreased by 10 at the 120k
 iteration. We use a weight decay of 0.0001 and momentum of 0.9." `paper_schedule` scales it to
@@ -96,11 +126,18 @@ class TrainSettings:
     seed: int = 0
     checkpoint_every: int = 1000
     workers: int = 0  # data-loader processes
+    # None: decided by the device (`for_device`): batched, pinned and read every 20 steps on CUDA;
+    # per image, unpinned and read every step elsewhere (module docstring)
+    batched_forward: bool | None = None  # a process's images in one forward pass, not one at a time
+    pin_memory: bool | None = None  # batches in page-locked memory, copied to the device asynchronously
+    log_every: int | None = None  # k: the losses of k steps are read from the device (and logged) at once
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError(f"iterations, batch_size and checkpoint_every must be >= 1, got {self.iterations}, "
                              f"{self.batch_size}, {self.checkpoint_every}")  # fmt: skip
+        if self.log_every is not None and self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.amp not in ("off", "bf16", "fp16"):
@@ -124,6 +161,16 @@ def paper_schedule(batch_size: int = 16, schedule: float = 1.0, lr: float | None
     settings.setdefault("warmup_iterations", min(1000, iterations // 10))
     lr = lr or PAPER_LR * batch_size / PAPER_BATCH_SIZE  # the linear scaling rule
     return TrainSettings(iterations=iterations, batch_size=batch_size, lr=lr, **settings)
+
+
+def for_device(settings: TrainSettings, device: torch.device) -> TrainSettings:
+    """`settings` with the choices left to the device made (module docstring): on CUDA a batched
+    forward pass, pinned memory and the losses read every 20 steps; elsewhere the exact per-image
+    pass, nothing pinned and the losses read every step."""
+    cuda = device.type == "cuda"
+    choices = {"batched_forward": cuda, "pin_memory": cuda, "log_every": 20 if cuda else 1}
+    return dataclasses.replace(settings, **{name: value for name, value in choices.items()
+                                            if getattr(settings, name) is None})  # fmt: skip
 
 
 def learning_rate_factor(step: int, settings: TrainSettings) -> float:
@@ -240,30 +287,31 @@ def train(model: nn.Module, dataset, settings: TrainSettings, output_dir: str | 
     end (atomically), and `log.jsonl`, one JSON record per step: {"step" (1-based), "lr", "loss"
     and each loss term (means over the batch), "seconds" since the start}. resume: continue from
     `output_dir/checkpoint.pt` when it exists. Raises `NonFiniteLossError` when a step's loss is
-    not finite, before the weights change, and `NonFiniteWeightsError` when the weights stop
-    being finite, before they are saved; the last checkpoint is kept either way. An image or
-    annotation that cannot be read stops the run before its step with an `UnreadableDataError`
-    naming the file, after saving the steps done before it. metadata: saved
-    in the checkpoints for whoever uses the weights (e.g. {"category_names": [...]}). Returns a
-    summary dict. The steps are the functions below, in the order they run.
+    not finite, before the weights change (with `log_every` k > 1: up to k - 1 steps later,
+    before they are saved), and `NonFiniteWeightsError` when the weights stop being finite,
+    before they are saved; the last checkpoint is kept either way. An image or annotation that
+    cannot be read stops the run before its step with an `UnreadableDataError` naming the file,
+    after saving the steps done before it. metadata: saved in the checkpoints for whoever uses the
+    weights (e.g. {"category_names": [...]}). Returns a summary dict. The steps are the functions
+    below, in the order they run.
     """
     run = start_run(model, settings, Path(output_dir), device, resume, metadata or {})
+    settings = run.settings  # the device's choices made (for_device)
     loader = training_loader(dataset, settings, run.start_step, run.rank, run.world_size)
     with TrainingLog(run, progress) as log:
         for keys, images, targets in loader:
             step = keys[0][0]  # 0-based; the record and the checkpoint count steps done, step + 1
             unreadable = [message for image, message in zip(images, targets) if image is None]
             if unreadable:
+                check_finite(run, log.read(), step + 1)  # the steps done, before they are saved
                 raise stop_on_unreadable_data(run, step, unreadable[0])
             losses = forward_backward(run, keys, images, targets)  # the gradients of L_step, in .grad
-            log.write(step + 1, run.optimizer.param_groups[0]["lr"], losses)
-            if not all(math.isfinite(value) for value in losses.values()):
-                run.optimizer.zero_grad(set_to_none=True)
-                terms = ", ".join(f"{name}={value:.4g}" for name, value in losses.items())
-                raise NonFiniteLossError(stopped(run, step + 1, f"the loss is not finite ({terms}); training stopped "
-                                                                "before updating the weights"))  # fmt: skip
+            log.hold(step + 1, run.optimizer.param_groups[0]["lr"], losses)
+            checkpoint = (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.iterations
+            if checkpoint or (step + 1) % settings.log_every == 0:
+                check_finite(run, log.read(), step + 1)  # the one host synchronisation of these steps
             update_weights(run)
-            if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.iterations:
+            if checkpoint:
                 save_progress(run, step + 1)
     images = (settings.iterations - run.start_step) * settings.batch_size
     return {"steps": settings.iterations, "resumed_from": run.start_step, "seconds": log.seconds, "rank": run.rank,
@@ -280,7 +328,7 @@ class Run:
     optimizer: torch.optim.SGD
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler  # fp16 only: scales the loss so that its gradients do not underflow
-    settings: TrainSettings
+    settings: TrainSettings  # with the device's choices made (for_device)
     device: torch.device
     rank: int  # this process, of world_size; rank 0 logs and writes the checkpoints
     world_size: int
@@ -294,6 +342,7 @@ def start_run(model: nn.Module, settings: TrainSettings, output_dir: Path, devic
               resume: bool, metadata: dict) -> Run:  # fmt: skip
     """Join the process group, build the optimizer and schedule, resume, and wrap the model for DDP."""
     rank, world_size, device = distributed_setup(device)
+    settings = for_device(settings, device)
     if settings.amp != "off" and device.type != "cuda":
         raise ValueError(f"mixed precision (amp={settings.amp}) needs a CUDA device, got {device}")
     model.to(device).train()
@@ -346,38 +395,44 @@ def training_loader(dataset, settings: TrainSettings, start_step: int, rank: int
                                  rank, world_size)  # fmt: skip
     return torch.utils.data.DataLoader(
         TrainingImages(dataset, settings.seed, settings.flip), batch_sampler=sampler, collate_fn=_collate,
-        num_workers=settings.workers, generator=torch.Generator().manual_seed(settings.seed),
+        num_workers=settings.workers, pin_memory=bool(settings.pin_memory),
+        generator=torch.Generator().manual_seed(settings.seed),
     )  # fmt: skip
 
 
-def forward_backward(run: Run, keys: list, images: list, targets: list) -> dict[str, float]:
-    """One step's forward and backward passes, one image at a time (module docstring).
+def forward_backward(run: Run, keys: list, images: list, targets: list) -> dict[str, torch.Tensor]:
+    """One step's forward and backward passes: one image at a time, or this process's images as one
+    list (`settings.batched_forward`; module docstring).
 
-    Each image's loss is divided by B before its backward pass, so that `.grad` ends up holding the
-    gradient of L_step; under DDP the gradients are averaged over the processes with the last
-    image's backward pass. Returns each loss term of L_step, averaged over the global batch.
+    Each forward pass's loss is divided by the number of passes before its backward pass, so that
+    `.grad` ends up holding the gradient of this process's part of L_step; under DDP the gradients
+    are averaged over the processes with the last pass's backward. Returns each loss term of
+    L_step, averaged over the processes: 0-dim tensors left on the device (nothing is read back).
     """
     settings, device = run.settings, run.device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if settings.amp == "bf16" else torch.float16,
                               enabled=settings.amp != "off")  # fmt: skip
-    step, totals, names = keys[0][0], None, []
-    for index, (key, image, target) in enumerate(zip(keys, images, targets)):
-        torch.manual_seed(sampling_seed(settings.seed, step, key[1]))  # the RPN's and the box branch's samplers
-        image = image.to(device, non_blocking=True)
-        target = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in target.items()}
-        last = index == len(keys) - 1
+    step, shares = keys[0][0], list(zip(keys, images, targets))
+    passes = [shares] if settings.batched_forward else [[share] for share in shares]
+    totals, names = None, []
+    for index, batch in enumerate(passes):
+        torch.manual_seed(sampling_seed(settings.seed, step, batch[0][0][1]))  # the RPN's and the box branch's samplers
+        batch_images = [image.to(device, non_blocking=True) for _, image, _ in batch]
+        batch_targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in target.items()}
+                         for _, _, target in batch]  # fmt: skip
+        last = index == len(passes) - 1
         with run.network.no_sync() if run.world_size > 1 and not last else contextlib.nullcontext():
             with autocast:
-                losses = run.network([image], [target])
+                losses = run.network(batch_images, batch_targets)
             names = list(losses)
-            loss = sum(losses.values()) / len(keys)  # this image's share of L_step
+            loss = sum(losses.values()) / len(passes)  # this pass's share of L_step
             run.scaler.scale(loss).backward()
-        terms = torch.stack([value.detach().float() for value in losses.values()]) / len(keys)
+        terms = torch.stack([value.detach().float() for value in losses.values()]) / len(passes)
         totals = terms if totals is None else totals + terms
     if run.world_size > 1:
         dist.all_reduce(totals)
         totals /= run.world_size
-    return dict(zip(names, totals.tolist()))
+    return dict(zip(names, totals.unbind()))
 
 
 def update_weights(run: Run) -> None:
@@ -423,6 +478,24 @@ def stop_on_unreadable_data(run: Run, steps: int, message: str) -> UnreadableDat
     return UnreadableDataError(f"step {steps + 1}: {message}; training stopped, and {what}")
 
 
+def check_finite(run: Run, records: list[dict], step: int) -> None:
+    """Stop the run at the first of `records` (steps just read back by `TrainingLog.read`) whose loss is
+    not finite: `NonFiniteLossError`. `step` (1-based) is the step whose update has not been made yet:
+    when the bad step is an earlier one (`log_every` > 1), the updates since it were made, and are
+    not saved."""
+    bad = next((record for record in records if not math.isfinite(record["loss"])), None)
+    if bad is None:
+        return
+    run.optimizer.zero_grad(set_to_none=True)
+    terms = ", ".join(f"{name}={value:.4g}" for name, value in bad.items() if name.startswith("loss_"))
+    if bad["step"] == step:
+        what = "training stopped before updating the weights"
+    else:  # read log_every steps at a time: the weights moved since, and are not saved
+        what = (f"training stopped at step {step}, where it was read (the losses are read every "
+                f"{run.settings.log_every} steps), after the weights were updated with it: they were not saved")  # fmt: skip
+    raise NonFiniteLossError(stopped(run, bad["step"], f"the loss is not finite ({terms}); {what}"))
+
+
 def stopped(run: Run, step: int, what: str) -> str:
     """The message of a run stopped at `step` (1-based) because of `what`: which checkpoint is kept."""
     kept = (f"the last checkpoint, {run.checkpoint_path} (step {run.last_saved}), is kept" if run.last_saved
@@ -435,6 +508,8 @@ class TrainingLog:
 
     On a resumed run the log keeps the records of the steps the checkpoint holds and drops those
     after it (they were lost with the crash), and the clock goes on from the last kept record.
+    A step's losses are held on the device (`hold`) until `read` brings those of all held steps back
+    at once and writes their records: one host synchronisation per read, not per step.
     """
 
     def __init__(self, run: Run, progress: bool = True):
@@ -450,10 +525,27 @@ class TrainingLog:
         self.running: dict[str, float] = {}  # smoothed over about 20 steps, for the progress bar
         self.earlier_seconds = self.records[-1]["seconds"] if self.records else 0.0
         self.started, self.seconds = time.perf_counter(), 0.0
+        self.held: list[tuple] = []  # (step, lr, names, terms [T] on the device, seconds) of steps not yet read
 
-    def write(self, step: int, lr: float, losses: dict[str, float]) -> dict:
-        """Log step `step` (1-based): its learning rate, its loss L_step and each term of it."""
-        self.seconds = time.perf_counter() - self.started
+    def hold(self, step: int, lr: float, losses: dict[str, torch.Tensor]) -> None:
+        """Keep step `step`'s losses (0-dim tensors, on the device) until the next `read`; no synchronisation."""
+        seconds = time.perf_counter() - self.started
+        self.held.append((step, lr, list(losses), torch.stack(list(losses.values())), seconds))
+
+    def read(self) -> list[dict]:
+        """Bring the held steps' losses back from the device in one transfer, log them, return their records."""
+        if not self.held:
+            return []
+        values = torch.stack([terms for _, _, _, terms, _ in self.held]).tolist()  # [steps, T]: waits for the device
+        held, self.held = self.held, []
+        held[-1] = (*held[-1][:4], time.perf_counter() - self.started)  # its work is done now, not when queued
+        return [self.write(step, lr, dict(zip(names, row)), seconds)
+                for (step, lr, names, _, seconds), row in zip(held, values)]  # fmt: skip
+
+    def write(self, step: int, lr: float, losses: dict[str, float], seconds: float | None = None) -> dict:
+        """Log step `step` (1-based): its learning rate, its loss L_step and each term of it, and the
+        seconds since this call started (`seconds`, else now)."""
+        self.seconds = time.perf_counter() - self.started if seconds is None else seconds
         record = {"step": step, "lr": lr, "loss": sum(losses.values()), **losses,
                   "seconds": round(self.earlier_seconds + self.seconds, 3)}  # fmt: skip
         if self.file is not None:
@@ -470,6 +562,9 @@ class TrainingLog:
         return self
 
     def __exit__(self, kind, *exception) -> None:
+        if kind is not None and self.held:  # a run stopped between reads: log the steps it did
+            with contextlib.suppress(Exception):  # a device that failed may fail this read too
+                self.read()
         self.seconds = time.perf_counter() - self.started
         self.bar.leave = kind is None  # a stopped run clears its bar: the line that says why stands alone
         self.bar.close()

@@ -4,7 +4,9 @@ The two processes run the real `train` under torch.distributed (gloo, on the CPU
 share of every global batch; DistributedDataParallel averages their gradients. Because the
 trainer's loss is a mean over images computed one image at a time, with the RPN and RoI samplers
 seeded per image (mrcnn/train.py), the result must equal a single process's, up to the float
-rounding of adding the gradients in another order.
+rounding of adding the gradients in another order. The batched forward pass (CUDA's default)
+gives each process's images to the model as one list; with one image per process that is the
+per-image pass, so it too must give the one-process weights.
 """
 
 import os
@@ -29,12 +31,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, output_dir: str) -> None:
+def _worker(rank: int, world_size: int, port: int, output_dir: str, settings: TrainSettings = SETTINGS) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
     try:
-        train(tiny_model(), ShapesDataset(4, **TINY_DRAW), SETTINGS, output_dir, progress=False)
+        train(tiny_model(), ShapesDataset(4, **TINY_DRAW), settings, output_dir, progress=False)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -43,13 +45,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_weights_of_one_process_with_the_same_global_batch(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+@pytest.mark.parametrize("batched_forward", [False, True], ids=["per_image", "batched"])
+def test_two_processes_give_the_weights_of_one_process_with_the_same_global_batch(tmp_path, batched_forward):
+    settings = TrainSettings(**{**SETTINGS.__dict__, "batched_forward": batched_forward})  # one image per process
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "ddp"), settings), nprocs=2, join=True)
     distributed = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")["model"]
 
     single = tiny_model()
     initial = {name: value.clone() for name, value in single.state_dict().items()}
-    train(single, ShapesDataset(4, **TINY_DRAW), SETTINGS, tmp_path / "single", progress=False)
+    train(single, ShapesDataset(4, **TINY_DRAW), SETTINGS, tmp_path / "single", progress=False)  # per image
 
     parameters = dict(single.named_parameters())
     moved = 0
@@ -62,6 +66,8 @@ def test_two_processes_give_the_weights_of_one_process_with_the_same_global_batc
         assert a["step"] == b["step"] and a["lr"] == b["lr"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), "rank 0 logs the mean over both processes"
 
+    if batched_forward:
+        return
     # Not tautological: the same images split into steps of one image give other weights.
     other = tiny_model()
     train(other, ShapesDataset(4, **TINY_DRAW), SETTINGS.__class__(**{**SETTINGS.__dict__, "batch_size": 1}),

@@ -1,4 +1,5 @@
-"""Training: the schedule, the sharded data order, learning, exact resumption, non-finite losses, unreadable data."""
+"""Training: the schedule, the sharded data order, learning, exact resumption, non-finite losses, unreadable data,
+the batched forward pass and the losses read back every k steps."""
 
 import json
 import re
@@ -19,8 +20,10 @@ from mrcnn.train import (
     TrainingImages,
     TrainSettings,
     UnreadableDataError,
+    for_device,
     learning_rate_factor,
     paper_schedule,
+    sampling_seed,
     train,
 )
 
@@ -88,8 +91,10 @@ def test_flip_is_a_function_of_seed_epoch_and_index():
         TrainingImages(type("Flipping", (), {"train": True})())
 
 
-def test_a_few_steps_lower_the_loss(tmp_path):
-    settings = TrainSettings(iterations=16, batch_size=2, lr=0.01, decay_steps=(), warmup_iterations=2, checkpoint_every=100)
+@pytest.mark.parametrize("batched_forward", [False, True], ids=["per_image", "batched"])
+def test_a_few_steps_lower_the_loss(tmp_path, batched_forward):
+    settings = TrainSettings(iterations=16, batch_size=2, lr=0.01, decay_steps=(), warmup_iterations=2,
+                             checkpoint_every=100, batched_forward=batched_forward)  # fmt: skip
     summary = train(tiny_model(), ShapesDataset(4, **TINY_DRAW), settings, tmp_path, progress=False)
     records = read_log(tmp_path / "log.jsonl")
     assert [r["step"] for r in records] == list(range(1, 17)) and summary["steps"] == 16
@@ -97,6 +102,64 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     first, last = np.mean([r["loss"] for r in records[:4]]), np.mean([r["loss"] for r in records[-4:]])
     assert last < 0.6 * first, (first, last)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 16
+
+
+def test_the_device_decides_what_the_settings_leave_open():
+    for device, chosen in (("cpu", (False, False, 1)), ("cuda", (True, True, 20))):
+        settings = for_device(TrainSettings(iterations=1), torch.device(device))
+        assert (settings.batched_forward, settings.pin_memory, settings.log_every) == chosen
+    asked = TrainSettings(iterations=1, batched_forward=False, pin_memory=False, log_every=3)
+    assert for_device(asked, torch.device("cuda")) == asked
+    with pytest.raises(ValueError, match="log_every"):
+        TrainSettings(iterations=1, log_every=0)
+
+
+def test_the_batched_step_minimizes_the_models_loss_on_the_list(tmp_path):
+    """Batched, a step's loss is the model's loss on the process's images as one list (its samplers
+    seeded at the first image's position), not the mean of the images' losses (module docstring)."""
+    data = ShapesDataset(4, **TINY_DRAW)
+    settings = TrainSettings(iterations=1, batch_size=2, lr=0.01, warmup_iterations=0, batched_forward=True)
+    train(tiny_model(), data, settings, tmp_path / "batched", progress=False)
+    (logged,) = read_log(tmp_path / "batched" / "log.jsonl")
+
+    (keys,) = GlobalBatchSampler(len(data), 2, seed=0, iterations=1)
+    _, images, targets = zip(*(TrainingImages(data)[key] for key in keys))
+    model = tiny_model().train()
+    torch.manual_seed(sampling_seed(0, 0, keys[0][1]))
+    losses = model(list(images), list(targets))
+    assert {name: logged[name] for name in losses} == {name: value.item() for name, value in losses.items()}
+
+    train(tiny_model(), data, TrainSettings(**{**settings.__dict__, "batched_forward": False}), tmp_path / "per_image",
+          progress=False)  # fmt: skip
+    (per_image,) = read_log(tmp_path / "per_image" / "log.jsonl")
+    assert per_image["loss"] != pytest.approx(logged["loss"], rel=1e-3), "the two passes weigh the images otherwise"
+
+
+def test_batched_with_one_image_is_the_per_image_pass(tmp_path):
+    data = ShapesDataset(4, **TINY_DRAW)
+    models = {}
+    for batched in (False, True):
+        models[batched] = tiny_model()
+        settings = TrainSettings(iterations=3, batch_size=1, lr=0.01, warmup_iterations=0, batched_forward=batched)
+        train(models[batched], data, settings, tmp_path / str(batched), progress=False)
+    assert read_log(tmp_path / "False" / "log.jsonl")[-1]["loss"] == read_log(tmp_path / "True" / "log.jsonl")[-1]["loss"]
+    for (name, a), b in zip(models[False].state_dict().items(), models[True].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12, msg=name)  # allocation order: see the resume test
+
+
+def test_losses_read_every_k_steps_are_the_losses_read_every_step(tmp_path):
+    data = ShapesDataset(4, **TINY_DRAW)
+    models, logs = {}, {}
+    for log_every in (1, 3):
+        models[log_every] = tiny_model()
+        settings = TrainSettings(iterations=5, batch_size=2, lr=0.01, warmup_iterations=0, checkpoint_every=4,
+                                 log_every=log_every)  # fmt: skip
+        train(models[log_every], data, settings, tmp_path / str(log_every), progress=False)
+        records = read_log(tmp_path / str(log_every) / "log.jsonl")
+        logs[log_every] = [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+    assert [r["step"] for r in logs[3]] == [1, 2, 3, 4, 5] and logs[3] == logs[1]
+    for (name, a), b in zip(models[1].state_dict().items(), models[3].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12, msg=name)  # allocation order: see the resume test
 
 
 class Interrupted(Exception):
@@ -163,6 +226,30 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path)
     assert checkpoint["step"] == 2
     assert all(torch.isfinite(p).all() for p in model.parameters()), "the bad step must not update the weights"
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+def test_a_non_finite_loss_read_steps_later_is_never_saved(tmp_path):
+    """With the losses read every 5 steps, a NaN at step 4 is found at step 5, after the update of
+    step 4: the run stops there, before the checkpoint of step 6, and keeps that of step 3."""
+    model = tiny_model()
+    forward, calls = model.forward, []
+
+    def poisoned(images, targets=None):
+        losses = forward(images, targets)
+        calls.append(1)
+        if len(calls) == 7:  # the first image of step 4
+            losses["loss_mask"] = losses["loss_mask"] * float("nan")
+        return losses
+
+    model.forward = poisoned
+    settings = TrainSettings(iterations=10, batch_size=2, lr=0.01, warmup_iterations=0, checkpoint_every=3,
+                             log_every=5)  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match=r"step 4: the loss is not finite \(.*loss_mask=nan.*\); training "
+                       r"stopped at step 5, .*every 5 steps\), after the weights were updated with it: they were not "
+                       r"saved, and the last checkpoint, .*checkpoint.pt \(step 3\), is kept"):  # fmt: skip
+        train(model, ShapesDataset(4, **TINY_DRAW), settings, tmp_path, progress=False)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3
+    assert [r["step"] for r in read_log(tmp_path / "log.jsonl")] == [1, 2, 3, 4, 5]
 
 
 def test_weights_that_stop_being_finite_are_never_saved(tmp_path):
