@@ -162,7 +162,7 @@ def test_memory_stays_flat_over_many_images(weights, tmp_path, capsys):
     211 MB. tracemalloc follows numpy's buffers, where every image is decoded and converted, and
     matplotlib's, where each picture is drawn (about 40 MB at the peak of one 640 x 480 drawing,
     its float64 copies). The peak over the run must stay under 16 images' worth (56 MB): one image
-    in flight and its drawing. Measured: a peak of 42 MB whether 3, 20 or 60 images; 40 s here
+    in flight and its drawing. Measured: a peak of 42 MB whether 3, 20 or 60 images; 25 to 40 s here
     (matplotlib under tracemalloc), and 142 MB before each drawn figure was cleared at once."""
     folder = tmp_path / "many"
     folder.mkdir()
