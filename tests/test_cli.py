@@ -167,6 +167,13 @@ def test_train_starts_from_an_imagenet_backbone_file(shapes, tmp_path, capsys):
     torch.testing.assert_close(trained["backbone.stem.conv.weight"], donor["stem.conv.weight"])
     capsys.readouterr()  # the progress bars of that run
 
+    as_weights = tmp_path / "as_weights"  # --weights takes it too, through load_pretrained
+    assert main([*argv[:4], str(as_weights), "--config", "shapes_small", "--weights", str(path), *argv[7:]]) == 0
+    weights = [k for k in donor if not k.endswith("num_batches_tracked")]  # a step counter, no weight
+    assert f"{path} (ImageNet ResNet): {len(weights)} tensors loaded" in capsys.readouterr().out
+    torch.testing.assert_close(load_checkpoint(as_weights / "checkpoint.pt")["model"]["backbone.stem.conv.weight"],
+                               donor["stem.conv.weight"])  # fmt: skip
+
     other = ["train", "--data", str(shapes), "--output-dir", str(tmp_path / "other"), *TINY_TRAINING]
     wrong = tmp_path / "wrong.pth"
     torch.save({"conv1.weight": torch.zeros(3)}, wrong)
