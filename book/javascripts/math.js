@@ -50,14 +50,47 @@
     });
   }
 
+  // A display equation wider than the column is set smaller, down to 80% of its size, so that it
+  // fits; one still wider scrolls sideways in its own box, whose scrollbar stays visible
+  // (book.css), instead of looking cut off at the right.
+  var SMALLEST = 0.8;
+  function fitWideEquations(root) {
+    root.querySelectorAll(".katex-display").forEach(function (display) {
+      display.style.fontSize = "";
+      var ratio = display.clientWidth / display.scrollWidth;
+      if (ratio < 1) {
+        display.style.fontSize = Math.max(SMALLEST, Math.floor(ratio * 97) / 100) + "em";  // 3% to spare
+      }
+      display.classList.toggle("book-math-scrolls", display.scrollWidth > display.clientWidth + 1);
+    });
+  }
+
+  function renderPage(root) {
+    renderMath(root);
+    fitWideEquations(root);
+    if (document.fonts) {  // KaTeX's fonts change the widths once they have loaded
+      document.fonts.ready.then(function () {
+        fitWideEquations(root);
+      });
+    }
+  }
+
+  var resizing = null;
+  window.addEventListener("resize", function () {
+    clearTimeout(resizing);
+    resizing = setTimeout(function () {
+      fitWideEquations(document.body);
+    }, 200);
+  });
+
   // mkdocs-material announces every page it shows (also after instant navigation) on document$.
   if (typeof document$ !== "undefined") {
     document$.subscribe(function (page) {
-      renderMath(page.body || document.body);
+      renderPage(page.body || document.body);
     });
   } else {
     document.addEventListener("DOMContentLoaded", function () {
-      renderMath(document.body);
+      renderPage(document.body);
     });
   }
 })();
