@@ -249,7 +249,8 @@ draw_boxes(axes[0], to_original(proposals[0][:20]), "yellow", 0.8)
 axes[0].set_title(f"stage 4: the 20 best of {len(proposals[0])} proposals", fontsize=10)
 axes[1].imshow(picture)
 draw_boxes(axes[1], to_original(detections[0]["boxes"][:shown]), "lime", 1.2,
-           labels=[f"{class_names[c]} {s:.2f}" for c, s in zip(detections[0]["labels"][:shown].tolist(), scores[:shown].tolist())])
+           labels=[f"{class_names[c]} {s:.2f}"
+                   for c, s in zip(detections[0]["labels"][:shown].tolist(), scores[:shown].tolist())])
 axes[1].set_title(f"stage 5: the {shown} best of {len(scores)} detections (score >= {threshold:.2f})", fontsize=10)
 for ax in axes:
     ax.set_axis_off()

@@ -175,7 +175,8 @@ errors = {"RoIPool": [], "RoIAlign": []}
 shifts = torch.arange(0, 33, 2.0)
 for shift in shifts.tolist():
     centre = 100.0 + shift
-    mask = (((coords[:, None] - centre) ** 2 + (coords[None, :] - centre) ** 2) <= radius**2).float()[None, None]  # [1, 1, H, W]
+    inside = (coords[:, None] - centre) ** 2 + (coords[None, :] - centre) ** 2 <= radius**2  # [H, W]
+    mask = inside.float()[None, None]  # [1, 1, H, W]
     cell_fraction = F.avg_pool2d(mask, stride)  # [1, 1, 16, 16]: the stride-16 "feature"
     disc_box = torch.tensor([[0.0, centre - radius, centre - radius, centre + radius, centre + radius]])
     target = roi_align(mask, disc_box, 14, 1.0, sampling_ratio=-1, aligned=True)  # [1, 1, 14, 14]
@@ -255,7 +256,8 @@ print("each row sums to 1 (all samples inside the map):", dense.sum(dim=1))
 # rows are only those of the pixels that some RoI reads, gathered once (`touched_pixels`).
 
 # %%
-show_source(roi_align_cpu.axis_neighbours, roi_align_cpu.interpolation_matrix, roi_align_cpu.touched_pixels, roi_align_cpu.SparseRoIAlignFunction)
+show_source(roi_align_cpu.axis_neighbours, roi_align_cpu.interpolation_matrix, roi_align_cpu.touched_pixels,
+            roi_align_cpu.SparseRoIAlignFunction)
 
 # %% [markdown]
 # Same numbers, to float rounding, and much less time than the reference (the tests check
@@ -356,8 +358,10 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 levels = [torch.randn(1, 4, 32 // s, 48 // s) for s in (4, 8, 16, 32)]
 small_rois = torch.tensor([[0, 2.0, 3.0, 20.0, 25.0], [0, 5.0, 1.0, 160.0, 120.0], [0, 0.0, 0.0, 30.0, 10.0]])
 expected = MultiLevelRoIAlign(3, (4, 8, 16, 32), sampling_ratio=2)(levels, small_rois, use_kernel=False)
-from_kernel = roi_align_kernels.multi_level_roi_align([f.to(device) for f in levels], small_rois.to(device), 3, [1 / 4, 1 / 8, 1 / 16, 1 / 32], 2, False)
-print("levels:", (fpn_level(small_rois[:, 1:], 2, 5)).tolist(), " largest difference to the CPU path:", (from_kernel.cpu() - expected).abs().max().item())
+from_kernel = roi_align_kernels.multi_level_roi_align([f.to(device) for f in levels], small_rois.to(device), 3,
+                                                     [1 / 4, 1 / 8, 1 / 16, 1 / 32], 2, False)
+print("levels:", (fpn_level(small_rois[:, 1:], 2, 5)).tolist(),
+      " largest difference to the CPU path:", (from_kernel.cpu() - expected).abs().max().item())
 
 # %% [markdown]
 # ## What to try next

@@ -73,7 +73,8 @@ else:
     settings, machine = results["settings"], results["machine"]
     print(f"{len(results['arms'])} arms, seeds {settings['seeds']}, {settings['iterations']} iterations of batch "
           f"{settings['batch_size']} each (lr {settings['lr']}, warm-up {settings['warmup']}, clipping "
-          f"{settings['clip_grad_norm']}), {settings['num_train']} training and {settings['num_val']} held-out images")  # fmt: skip
+          f"{settings['clip_grad_norm']}), {settings['num_train']} training and {settings['num_val']} held-out "
+          "images")  # fmt: skip
     print(f"machine: {machine['processor']}, {machine['cpu_count']} cores, torch {machine['torch']}, "
           f"{machine['threads_per_run']} thread per run, {machine['processes']} runs at once")  # fmt: skip
     if results["missing_runs"]:
@@ -667,8 +668,8 @@ if results is not None:
     load = f" (one-minute load average {load[0]} to {load[1]} over the runs)" if load else ""
     display(Markdown(
         f"The sweep: {len(results['arms'])} arms, seeds {settings['seeds']}, code commit(s) {commits}, on "
-        f"{machine['cpu_count']} cores{load}. The spread over seeds is printed with every number; few seeds make \"beyond the seeds\" a weak "
-        f"test, and the COCO numbers next to ours are there for the direction, not the level."))
+        f"{machine['cpu_count']} cores{load}. The spread over seeds is printed with every number; few seeds make "
+        f"\"beyond the seeds\" a weak test, and the COCO numbers next to ours are there for the direction, not the level."))
 
 # %% [markdown]
 # ## What to try next
