@@ -207,13 +207,42 @@ plt.show()
 #
 # ## The reference code
 #
-# `sampling_grid` computes the sample coordinates $y(p, i)$ and $x(q, j)$ of every RoI at once
-# (with adaptive sampling each RoI has its own grid, padded to the largest and masked);
-# `bilinear_neighbours` gives each coordinate's two neighbours and weights along one axis, with
-# the border rules; `roi_align_reference` gathers the four neighbours of every sample and averages.
+# The readable implementation is three functions, in the order of the definition above.
+#
+# **The sample positions.** `sampling_grid` computes the coordinates $y(p, i)$ and $x(q, j)$ of
+# every RoI at once, in feature pixels: the RoI's start, $p$ bins of height $b_h$, and the
+# sample's place $(i + \frac12)/g_h$ within its bin. With adaptive sampling
+# (`sampling_ratio=-1`) each RoI has its own $g_h \times g_w$, so the grids are padded to the
+# largest and the padding masked (`y_used`, `x_used`).
 
 # %%
-show_source(sampling_grid, bilinear_neighbours, roi_align_reference)
+show_source(sampling_grid)
+# one RoI, x from 0 to 4 and y from 0 to 8, at scale 1: 2 x 2 bins of 2 x 2 samples each
+y, x, y_used, x_used, count = sampling_grid(torch.tensor([[0.0, 0.0, 0.0, 4.0, 8.0]]), (2, 2), 1.0, 2, aligned=False)
+print("y(p, i):", y[0].tolist(), " x(q, j):", x[0].tolist(), " samples per bin:", count.tolist())
+
+# %% [markdown]
+# **The two neighbours of a sample, along one axis.** `bilinear_neighbours` returns, for each
+# coordinate, the pixel below and the pixel above it and their weights $h = 1 - l$ and $l$ (the
+# distance to the lower one), with the border rules above: a coordinate more than a pixel
+# outside reads nothing (`inside` is false), one within a pixel of the border is moved onto it.
+
+# %%
+show_source(bilinear_neighbours)
+low, high, weight_low, weight_high, inside = bilinear_neighbours(torch.tensor([-1.5, -0.5, 0.25, 2.75, 3.5]), 4)
+print("y:        ", [-1.5, -0.5, 0.25, 2.75, 3.5])
+print("low, high:", low.tolist(), high.tolist())
+print("h, l:     ", [round(v, 2) for v in weight_low.tolist()], [round(v, 2) for v in weight_high.tolist()])
+print("inside:   ", inside.tolist())
+
+# %% [markdown]
+# **Gather and average.** `roi_align_reference` combines the two axes: the four neighbours of
+# every sample are gathered from the RoI's own image, weighted by the products of the axis
+# weights (the bilinear formula in the comment), the samples outside the map or past the RoI's
+# own grid are zeroed, and each bin's $g_h g_w$ samples are summed and divided by their count.
+
+# %%
+show_source(roi_align_reference)
 
 # %% [markdown]
 # ## The fast CPU path: one sparse matrix

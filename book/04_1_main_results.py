@@ -153,12 +153,24 @@ all_thresholds = np.mean([average_precision(scores, ious, t)[0] for t in np.lins
 print(f"AP over t = 0.50..0.95: by hand {all_thresholds:.4f}   pycocotools {metrics['AP']:.4f}")
 
 # %% [markdown]
-# The library's side of it, `evaluate`: run the model over a data set, turn each detection into
-# COCO's result format (the box as $[x, y, w, h]$, the mask binarized at 0.5 and run-length
-# encoded, as the paper binarizes it) and hand them to COCOeval.
+# The library's side of it, in two steps. First, each detection becomes one entry of COCO's
+# result format: the box as $[x, y, w, h]$, the class label mapped back to the data set's
+# category id, the score, and the mask binarized at 0.5 (as the paper binarizes it) and
+# run-length encoded.
 
 # %%
-show_source(detections_to_coco_results, evaluate)
+show_source(detections_to_coco_results)
+
+# %% [markdown]
+# Then `evaluate` runs the model over a data set in evaluation mode and scores what it
+# returns. Most of its length is bookkeeping around three lines: `model(...)` on each batch,
+# `detections_to_coco_results` on its detections, and `coco_evaluate` (COCOeval, as above) on
+# all of them. Around those: the ground truth comes from the data set's own COCO file, or is
+# built from its targets; mask AP is added when there are masks, keypoint AP when there are
+# keypoints; the model's train/eval mode is put back.
+
+# %%
+show_source(evaluate)
 
 # %% [markdown]
 # ## Measured here: the shapes data set
