@@ -165,7 +165,7 @@ def count(*modules):
     return sum({id(p): p.numel() for m in modules for p in m.parameters()}.values())
 
 
-rows, measured = {}, {}
+rows, measured, box_head_per_roi = {}, {}, {}
 for name, model in models.items():
     R_box = model.config.rpn_post_nms_top_n_test  # proposals scored by the box branch: 300 (C4), 1000 (FPN)
     box, mask = model.box_branch, model.mask_branch
@@ -199,6 +199,7 @@ for name, model in models.items():
         "mask head": mask_head_flops + mask_predictor_flops,
     }
     rows[name] = parameters, compute
+    box_head_per_roi[name] = (box_head_flops + box_predictor_flops) / R_box
     measured[name] = {"trunk": rpn_maps, "box RoI": box_features, "box head": box_hidden, "classes": class_logits,
                       "deltas": box_deltas, "mask RoI": mask_features, "mask head": mask_hidden,
                       "deconv": mask.predictor.deconv(mask_hidden), "mask": mask_logits}  # fmt: skip
@@ -207,13 +208,17 @@ print(f"\n{'':10s}" + "".join(f"{name + ' params':>14s}{name + ' GFLOPs':>14s}" 
 for part in rows["C4"][0]:
     print(f"{part:10s}" + "".join(f"{rows[n][0][part] / 1e6:13.1f}M{rows[n][1][part] / 1e9:14.0f}" for n in rows))
 print(f"{'total':10s}" + "".join(f"{sum(rows[n][0].values()) / 1e6:13.1f}M{sum(rows[n][1].values()) / 1e9:14.0f}" for n in rows))
+print("\nbox head per RoI: " + ", ".join(f"{n} {box_head_per_roi[n] / 1e9:.3f} GFLOPs" for n in rows)
+      + f"; C4's is {box_head_per_roi['C4'] / box_head_per_roi['FPN']:.0f} times FPN's")
+print(f"C4: the box head on its {models['C4'].config.rpn_post_nms_top_n_test} proposals costs "
+      f"{rows['C4'][1]['box head'] / rows['C4'][1]['trunk']:.1f} times its trunk")
 
 # %% [markdown]
 # The trade is plain. The C4 trunk is cheaper (it stops at res4) and it has no pyramid, but its
-# head is a quarter of a ResNet run per RoI: 1.6 GFLOPs for each RoI, so its 300 proposals cost
-# almost four times the whole trunk. (Its RPN is not light either: a $3 \times 3$ convolution of
+# head is a quarter of a ResNet run per RoI, so its proposals together cost several times the
+# whole trunk (the last lines above). (Its RPN is not light either: a $3 \times 3$ convolution of
 # 1024 channels.) The FPN model spends more on the trunk and the pyramid, but its box head costs
-# 29 MFLOPs per RoI, fifty-six times less than res5; its parameters are many, almost all in the
+# a small fraction of res5 per RoI; its parameters are many, almost all in the
 # first fc layer ($256 \cdot 7 \cdot 7 \times 1024$), yet a weight used once per RoI costs little
 # arithmetic. Hence the paper's "using a ResNet-FPN backbone for feature extraction with Mask
 # R-CNN gives excellent gains in both accuracy and speed", and why the C4 model samples only 64 RoIs per image in training against FPN's 512
@@ -493,12 +498,12 @@ plt.show()
 
 # %% [markdown]
 # For a straight-edged square like the one drawn, the bilinear paste restores the edges from
-# either grid (245 against 246 pixels wrong); the means above count every shape, stars and
-# circles included. On the shapes data set, objects 16 to 56 pixels across, every $M$ from 14 up gives about the
-# same ceiling (0.909 mean IoU for 14, 0.914 for 28): the objects are hardly finer than the grid,
-# and the pasting's whole-pixel box and the 0.5 threshold dominate what is lost. Draw the same
-# shapes four times larger and the grid shows: 0.959 for $M = 14$ against 0.970 for 28 and 0.973
-# for 56. Larger objects, as in COCO, are where the FPN head's finer output pays, before any
+# either grid (the pixel counts in the titles); the means printed above count every shape, stars
+# and circles included. On the shapes data set (objects of 16 to 56 pixels) every $M$ from 14 up
+# gives about the same ceiling: the objects are hardly finer than the grid, and the pasting's
+# whole-pixel box and the 0.5 threshold dominate what is lost. On the same shapes drawn four
+# times larger the grid shows: compare the second line of means. Larger objects, as in COCO, are
+# where the FPN head's finer output pays, before any
 # learning is counted.
 
 # %% [markdown]

@@ -410,8 +410,8 @@ diverging = TrainSettings(iterations=4, batch_size=2, lr=3e38, warmup_iterations
 torch.manual_seed(0)
 try:
     train(MaskRCNN(tiny), pictures, diverging, run_dir / "diverging", progress=False)
-except NonFiniteError as error:
-    print(f"{type(error).__name__}: {error}")
+except NonFiniteError as error:  # its message names the checkpoint kept, in this run's temporary folder
+    print(f"{type(error).__name__}: {str(error).replace(str(run_dir), '<run_dir>')}")
 print("checkpoint kept: step", load_checkpoint(run_dir / "diverging" / "checkpoint.pt")["step"])
 
 # %% [markdown]
