@@ -13,9 +13,17 @@ navigation is opened in headless Chromium, driven over the Chrome DevTools Proto
   leads to a page;
 - no JavaScript exception, console error, failed or error response, and no request leaves
   the local server (the site works offline);
-- chapter pages show highlighted code and link a notebook and a source that download.
+- chapter pages show highlighted code and link a notebook and a source that download;
+- every picture has an alt text of its own (not nbconvert's placeholder), the table of contents
+  shows no TeX, and at a 1280 px window the content column is at least `MIN_CONTENT_WIDTH` wide
+  and nothing in it (code, table, equation) reaches past its right edge (long lines scroll).
 
-Screenshots of the home page and a chapter (light and dark) go to `test-artifacts/`.
+In the built HTML, no page prints the build machine's paths (the checkout, the home folder, the
+temporary folder) and no chapter output is a stderr block.
+
+Screenshots of the home page and of chapters 3 RoIAlign, 3.1 Training, 4.2 Ablations and the
+appendix at 1280 px (the top of the page, and one further down), and of a chapter in the light
+and dark themes, go to `test-artifacts/`.
 
 Chromium is Debian's `chromium` package. Where it is missing, the session installs it with
 apt-get when it runs as root (as CI does); elsewhere these tests skip, saying why.
@@ -38,6 +46,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from html.parser import HTMLParser
 from pathlib import Path
 
 import jupytext
@@ -49,6 +58,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
 ARTIFACTS = ROOT / "test-artifacts"
 BUILD_TIMEOUT_S = 1800  # a cold build executes every chapter (each must run in under a minute)
+MIN_CONTENT_WIDTH = 1000  # px of the content column at a 1280 px window (mkdocs-material's own: about 720)
+NBCONVERT_PLACEHOLDER_ALT = "No description has been provided for this image"
+SCREENSHOT_PAGES = ["index.md", "03_3_roi_align.py", "03_5_training.py", "04_2_ablations.py", "appendix_kernels.py"]
 
 # A cold build executes every chapter inside the first test that asks for the site.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(BUILD_TIMEOUT_S + 300)]
@@ -364,7 +376,24 @@ PAGE_REPORT_JS = r"""
     katexErrors: Array.from(content.querySelectorAll(".katex-error")).map((e) => e.title || e.textContent),
     images: images.map((img) => ({
       src: img.currentSrc.slice(0, 120), complete: img.complete, naturalWidth: img.naturalWidth,
+      alt: img.getAttribute("alt"), inContent: content.contains(img),
     })),
+    toc: Array.from(document.querySelectorAll(".md-nav--secondary .md-nav__link")).map((a) => a.textContent.trim()),
+    contentWidth: (document.querySelector(".md-content__inner") || content).getBoundingClientRect().width,
+    pastTheEdge: (() => {
+      // past the column's right edge and not inside a box that scrolls within it: cut off, or widening the page
+      const edge = (document.querySelector(".md-content__inner") || content).getBoundingClientRect().right + 1;
+      const scrollsWithin = (e) => {
+        for (let box = e; box && box !== content; box = box.parentElement) {
+          const overflow = getComputedStyle(box).overflowX;
+          if ((overflow === "auto" || overflow === "scroll") && box.getBoundingClientRect().right <= edge) return true;
+        }
+        return false;
+      };
+      return Array.from(content.querySelectorAll("pre, table, .katex-display, .katex-display .katex-html, img"))
+        .filter((e) => e.getBoundingClientRect().right > edge && !scrollsWithin(e))
+        .map((e) => `${e.tagName.toLowerCase()}.${e.className}: ${(e.textContent || e.getAttribute("alt") || "").trim().slice(0, 80)}`);
+    })(),
     notebookCells: content.querySelectorAll(".jupyter-wrapper .jp-Cell").length,
     highlightedTokens: code,
     downloads: Array.from(content.querySelectorAll(".book-downloads a")).map((a) => a.getAttribute("href")),
@@ -490,6 +519,59 @@ def test_the_nav_has_pages():
     assert PAGES and PAGES[0][1] == "index.md", "the nav must start with the home page, index.md"
 
 
+def machine_paths() -> list[str]:
+    """Absolute paths of the machine that builds the site: the checkout, the home and temporary folders."""
+    paths = {str(ROOT), str(Path.home()), tempfile.gettempdir(), os.path.realpath(tempfile.gettempdir())}
+    return sorted(path.rstrip("/") + "/" for path in paths if len(path) > 1)
+
+
+# A chapter output that went to stderr: nbconvert marks its block with the stderr MIME type
+STDERR_BLOCK = re.compile(r'<div class="[^"]*\bjp-OutputArea-output\b[^"]*" data-mime-type="application/vnd\.jupyter\.stderr"')
+
+
+class OutputsOnly(HTMLParser):
+    """The text inside a chapter page's output blocks (what its cells printed), not its code or prose."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.depth, self.parts = 0, []
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("img", "br", "hr", "input", "meta", "link", "source", "wbr"):
+            return
+        if self.depth:
+            self.depth += 1
+        elif "jp-OutputArea-output" in (dict(attrs).get("class") or "").split():
+            self.depth = 1
+
+    def handle_endtag(self, tag):
+        if self.depth and tag not in ("img", "br", "hr", "input", "meta", "link", "source", "wbr"):
+            self.depth -= 1
+
+    def handle_data(self, data):
+        if self.depth:
+            self.parts.append(data)
+
+
+def test_pages_print_no_path_of_the_build_machine_and_no_stderr(site):
+    """A page says what the chapter computed, not where it was built; warnings and log lines are not content.
+
+    The checkout's path may appear nowhere; the home and temporary folders nowhere in what the
+    cells printed (the prose may name a path such as /tmp/x.json in a command to try)."""
+    pages = sorted(site.rglob("*.html"))
+    assert pages
+    paths, stderr = [], []
+    for page in pages:
+        html = page.read_text(errors="replace")
+        printed = "".join(OutputsOnly(html).parts)
+        paths += [f"{page.relative_to(site)}: {path}" for path in machine_paths() if path in printed]
+        paths += [f"{page.relative_to(site)}: {ROOT}/ (outside the outputs)"] if f"{ROOT}/" in html and f"{ROOT}/" not in printed else []
+        stderr += [f"{page.relative_to(site)}: {len(STDERR_BLOCK.findall(html))} stderr block(s)"] if STDERR_BLOCK.search(html) else []
+    assert not paths, "pages print the build machine's paths:\n" + "\n".join(paths)
+    assert not stderr, "chapter outputs on stderr (silence or capture them in the chapter):\n" + "\n".join(stderr)
+
+
 @pytest.mark.parametrize("page", PAGES, ids=[_page_id(page) for page in PAGES])
 def test_page_renders(page, server, browser):
     title, source = page
@@ -511,6 +593,14 @@ def test_page_renders(page, server, browser):
 
     broken = [image for image in report["images"] if not (image["complete"] and image["naturalWidth"] > 0)]
     assert not broken, f"{source}: images that did not load: {broken}"
+    undescribed = [image["src"][:60] for image in report["images"]
+                   if image["inContent"] and (not (image["alt"] or "").strip() or image["alt"] == NBCONVERT_PLACEHOLDER_ALT)]
+    assert not undescribed, f"{source}: pictures without an alt text of their own: {undescribed}"
+
+    tex = [entry for entry in report["toc"] if re.search(r"\$|\\[a-zA-Z]+|\^\{|_\{", entry)]
+    assert not tex, f"{source}: the table of contents shows TeX: {tex}"
+    assert report["contentWidth"] >= MIN_CONTENT_WIDTH, f"{source}: the content column is {report['contentWidth']:.0f} px wide"
+    assert not report["pastTheEdge"], f"{source}: reaches past the content column (cut off or overflowing): {report['pastTheEdge']}"
 
     # every link to another page of the site leads to a page (not to a chapter's source, not to a 404)
     local = sorted({link.split("#")[0] for link in report["links"] if link.startswith(server)} - {url, ""})
@@ -564,6 +654,22 @@ def test_search_finds_the_legend(server, browser):
     )
     assert count > 0, "searching 'dimension legend' gives no result"
     assert not problems_in_events(list(browser.events), server)
+
+
+def test_screenshots_at_1280_px(server, browser):
+    """Screenshots for a person to look at: the pages a reader checks first, at the top and further down."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    for source in SCREENSHOT_PAGES:
+        if not (BOOK / source).is_file():
+            continue
+        visit(browser, server + page_url(source), server)
+        height = browser.evaluate("document.documentElement.scrollHeight")
+        for part, y in enumerate((0, height // 3)):
+            browser.evaluate(f"window.scrollTo(0, {y})")
+            time.sleep(0.3)
+            browser.screenshot(ARTIFACTS / f"1280px-{Path(source).stem}-{part}.png")
+        browser.evaluate("window.scrollTo(0, 0)")
+    assert (ARTIFACTS / "1280px-index-0.png").stat().st_size > 10_000
 
 
 def test_screenshots_light_and_dark(server, browser):
