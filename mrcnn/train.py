@@ -544,7 +544,7 @@ class TrainingLog:
 
     def write(self, step: int, lr: float, losses: dict[str, float], seconds: float | None = None) -> dict:
         """Log step `step` (1-based): its learning rate, its loss L_step and each term of it, and the
-        seconds since this call started (`seconds`, else now)."""
+        time it was done (`seconds` since this `TrainingLog` started, else now)."""
         self.seconds = time.perf_counter() - self.started if seconds is None else seconds
         record = {"step": step, "lr": lr, "loss": sum(losses.values()), **losses,
                   "seconds": round(self.earlier_seconds + self.seconds, 3)}  # fmt: skip
