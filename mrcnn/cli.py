@@ -233,6 +233,9 @@ def add_training_options(parser, iterations: int | None = None, batch_size: int 
     parser.add_argument("--workers", type=count(0), default=0, help="data-loading processes (default 0)")
     parser.add_argument("--seed", type=count(0), default=0, help="initial weights, data order, flips and sampling (default 0)")
     parser.add_argument("--checkpoint-every", type=count(1), default=500, help="steps between checkpoints (default 500)")
+    parser.add_argument("--forward", choices=("batched", "per-image"), default=None,
+                        help="a process's images as one padded batch, or one at a time (the same weights for any "
+                             "process count); default: batched on CUDA, per image elsewhere")  # fmt: skip
     existing = parser.add_mutually_exclusive_group()  # what to do with a run already in --output-dir
     existing.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint.pt")
     existing.add_argument("--overwrite", action="store_true", help="start over where --output-dir holds a run, replacing it")

@@ -265,6 +265,8 @@ def training_settings(args: argparse.Namespace, num_images: int, flip: bool = Tr
     if args.epochs is not None:
         iterations = max(1, round(args.epochs * (num_images // args.batch_size)))
     extra = {} if args.warmup is None else {"warmup_iterations": args.warmup}
+    if getattr(args, "forward", None) is not None:  # --forward batched / per-image; else the device decides
+        extra["batched_forward"] = args.forward == "batched"
     try:
         return paper_schedule(args.batch_size, args.schedule, args.lr, iterations, clip_grad_norm=args.clip_grad_norm,
                               amp=args.amp, seed=args.seed, checkpoint_every=args.checkpoint_every,
