@@ -211,7 +211,8 @@ for prefix in CLASS_SPECIFIC:
 # %%
 torch.manual_seed(0)  # the fresh class layers
 model = MaskRCNN(shapes_small(num_classes=train_set.num_classes))  # K = 3
-report = load_pretrained(model, weights)
+report = load_pretrained(model, weights, verbose=False)
+print(report._replace(source=str(weights.relative_to(ROOT))).summary())  # the path within the checkout
 print(f"\nloaded {len(report.loaded)} tensors; re-initialised {len(report.reinitialised)}; "
       f"model.config.num_classes = {model.config.num_classes}")  # fmt: skip
 
