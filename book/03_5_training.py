@@ -381,17 +381,25 @@ show_source(train)
 show_source(start_run, build_optimizer, resume_from_checkpoint)
 
 # %% [markdown]
-# **One step.** The $B$ images of a step run one at a time, each with its samplers seeded by
-# its position in the run; each image's loss is divided by $B$ before its backward pass, so
-# that the gradients add up to those of $L_{step}$. Under DDP the processes exchange gradients
-# once per step, with the last image (`no_sync` before it).
+# **One step.** On a CPU (the default there, `batched_forward=False`) the $B$ images of a step
+# run one at a time, each with its samplers seeded by its position in the run; each image's loss
+# is divided by $B$ before its backward pass, so that the gradients add up to those of
+# $L_{step}$, and $W$ processes give the weights of one. On CUDA the default is one padded batch
+# per process (`batched_forward=True`, `--forward batched`): faster, but each loss is then a mean
+# over the batch's sampled anchors and RoIs rather than over images, and the padding depends on
+# the batch, so the equality across process counts holds only to the batch's composition (the
+# module docstring of `mrcnn/train.py` says exactly what changes). Under DDP the processes
+# exchange gradients once per step, with the last pass (`no_sync` before it).
 
 # %%
 show_source(forward_backward)
 
 # %% [markdown]
-# **The update.** Only after the step's loss is known to be finite (in `train`): clip the
-# gradient norm if asked, take the SGD step, move the schedule on, clear the gradients.
+# **The update.** Clip the gradient norm if asked, take the SGD step, move the schedule on, clear
+# the gradients. The losses are read back from the device every `log_every` steps (every step on
+# a CPU, every 20 on CUDA, where each read is a synchronisation) and checked for a non-finite
+# value there; a checkpoint step always reads first, so no checkpoint holds weights that a
+# non-finite loss touched.
 
 # %%
 show_source(update_weights)
