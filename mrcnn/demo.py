@@ -80,7 +80,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.batch_size % args.processes:
         raise UsageError(f"--batch-size {args.batch_size} must be a multiple of --processes {args.processes}")
     device = choose_device(args.device)
-    check_amp(args.amp, device, training=True)  # before anything is drawn
+    check_amp(args.amp, device)  # before anything is drawn
     started, seconds = time.perf_counter(), {}
     directory = claim_output_directory(args)
     with stopwatch(seconds, "data"):

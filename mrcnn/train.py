@@ -121,7 +121,7 @@ class TrainSettings:
     warmup_iterations: int = 1000  # W
     warmup_factor: float = 0.001  # f: the rate starts at f * lr
     clip_grad_norm: float | None = None  # clip the global gradient norm (not in the paper)
-    amp: str = "off"  # "bf16" or "fp16": autocast on CUDA (fp16 with a GradScaler)
+    amp: str = "off"  # "bf16" (autocast, on CUDA or a CPU) or "fp16" (CUDA, with a GradScaler)
     flip: bool = True  # horizontal flipping, the one augmentation of the reference recipes
     seed: int = 0
     checkpoint_every: int = 1000
@@ -343,8 +343,8 @@ def start_run(model: nn.Module, settings: TrainSettings, output_dir: Path, devic
     """Join the process group, build the optimizer and schedule, resume, and wrap the model for DDP."""
     rank, world_size, device = distributed_setup(device)
     settings = for_device(settings, device)
-    if settings.amp != "off" and device.type != "cuda":
-        raise ValueError(f"mixed precision (amp={settings.amp}) needs a CUDA device, got {device}")
+    if settings.amp == "fp16" and device.type != "cuda":  # bfloat16 autocast runs on a CPU too
+        raise ValueError(f"float16 mixed precision (amp=fp16) needs a CUDA device, got {device}; use amp=bf16")
     model.to(device).train()
     optimizer, scheduler, scaler = build_optimizer(model, settings, device)
     checkpoint_path = output_dir / CHECKPOINT_NAME
