@@ -425,8 +425,9 @@ if record is not None:
 
 # %% [markdown]
 # One practical detail: flipping images for augmentation must also swap left and right keypoints
-# (`mrcnn.data.flip.flip_keypoints` with `FLIP_INDEX`). The trainer's flip mirrors boxes and
-# masks only, so the experiment trains without flipping.
+# (`mrcnn.data.flip.flip_keypoints` with `FLIP_INDEX`), which the trainer's flip does with the
+# data set's `flip_index`. The recorded experiment trained without flipping (it was made before
+# the trainer swapped keypoints), so its numbers above carry no flip.
 #
 # ## What to try next
 #
@@ -438,4 +439,5 @@ if record is not None:
 #   estimators do, and compare keypoint AP75.
 # - Shrink the head to four convolutions or a $28 \times 28$ output and measure what the paper's
 #   "needed for keypoint-level localization accuracy" costs.
-# - Add flipping with `flip_keypoints` and see how much keypoint AP it adds.
+# - Rerun the experiment with flipping (`flip=True` in `experiments/keypoints.py`) and see how much
+#   keypoint AP it adds.

@@ -13,8 +13,9 @@ box AP and keypoint AP (OKS), plus mask AP for the arm with masks.
 Writes `experiments/results/keypoints.json` and `keypoints.md` (the numbers, the command, the
 machine); the runs (checkpoints, logs) go to `--output-dir` (default `runs/keypoints`).
 
-Horizontal flipping is off: the trainer's flip (mrcnn/data/flip.py `horizontal_flip`) mirrors
-boxes and masks but does not swap left and right keypoints (`mrcnn.data.flip.flip_keypoints`).
+Horizontal flipping is off, as when the recorded results were made: the trainer's flip then
+mirrored boxes and masks only. It now also swaps left and right keypoints (`horizontal_flip`
+with the data set's `flip_index`), so `flip=True` is a fair arm to add.
 """
 
 from __future__ import annotations

@@ -255,9 +255,9 @@ def prepare_run_directory(directory: Path, resume: bool, overwrite: bool) -> Non
 # --- a training run -------------------------------------------------------------------------------
 
 
-def training_settings(args: argparse.Namespace, num_images: int, flip: bool = True):
-    """The `TrainSettings` of `mrcnn train` and `mrcnn demo`: the paper's schedule, scaled (`flip`: and
-    unless --no-flip, horizontal flipping)."""
+def training_settings(args: argparse.Namespace, num_images: int):
+    """The `TrainSettings` of `mrcnn train` and `mrcnn demo`: the paper's schedule, scaled, and
+    unless --no-flip, horizontal flipping."""
     iterations = args.iterations
     if args.epochs is not None:
         iterations = max(1, round(args.epochs * (num_images // args.batch_size)))
@@ -267,7 +267,7 @@ def training_settings(args: argparse.Namespace, num_images: int, flip: bool = Tr
     try:
         return paper_schedule(args.batch_size, args.schedule, args.lr, iterations, clip_grad_norm=args.clip_grad_norm,
                               amp=args.amp, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                              workers=args.workers, flip=flip and not args.no_flip, **extra)  # fmt: skip
+                              workers=args.workers, flip=not args.no_flip, **extra)  # fmt: skip
     except ValueError as error:
         raise UsageError(str(error)) from None
 
@@ -369,8 +369,6 @@ def run_training(args: argparse.Namespace, dataset, output_dir: Path) -> tuple:
 
     The model's initial weights are drawn after `torch.manual_seed(--seed)`: with the same
     command, seed and thread count, two runs give the same losses and weights, bit for bit.
-    Keypoints are trained without horizontal flipping (the trainer's flip does not swap left
-    and right keypoints), and the command says so.
     """
     prepare_run_directory(output_dir, args.resume, args.overwrite)
     device = choose_device(args.device)
@@ -381,9 +379,7 @@ def run_training(args: argparse.Namespace, dataset, output_dir: Path) -> tuple:
     if model.config.num_classes != dataset.num_classes:
         raise UsageError(f"the model has {model.config.num_classes} classes, the data set {dataset.num_classes}")
     keypoint_names = list(getattr(dataset, "keypoint_names", ()))
-    if keypoint_names and not args.no_flip and is_first_process():
-        print("keypoints: no horizontal flipping (the trainer's flip does not swap left and right keypoints)", flush=True)
-    settings = training_settings(args, len(dataset), flip=not args.no_flip and not keypoint_names)
+    settings = training_settings(args, len(dataset))
     metadata = {**started, "category_names": list(dataset.category_names),
                 "label_to_category_id": {str(k): v for k, v in dataset.label_to_category_id.items()},
                 **({"keypoint_names": keypoint_names} if keypoint_names else {})}  # fmt: skip

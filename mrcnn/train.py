@@ -245,7 +245,7 @@ class TrainingImages(torch.utils.data.Dataset):
         except DatasetError as error:  # a file broken since start-up, or never checked (verify_images=False)
             return key, None, str(error)
         if self.flip and np.random.default_rng((self.seed, epoch, index)).random() < 0.5:
-            image, target = horizontal_flip(image, target)
+            image, target = horizontal_flip(image, target, getattr(self.dataset, "flip_index", None))  # keypoints: left <-> right
         return key, image, target
 
 

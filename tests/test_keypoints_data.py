@@ -8,7 +8,8 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from mrcnn.data.flip import flip_index, flip_keypoints
+from mrcnn.data.flip import flip_index, flip_keypoints, horizontal_flip
+from mrcnn.train import TrainingImages
 from mrcnn.data.keypoints import (
     FLIP_INDEX,
     KEYPOINT_NAMES,
@@ -74,6 +75,20 @@ def test_left_is_drawn_on_the_left_and_flipping_swaps_it():
     assert torch.allclose(flipped[labelled, left, 0], width - target["keypoints"][labelled, right, 0])
     assert torch.equal(flip_keypoints(flipped, width, FLIP_INDEX), target["keypoints"])  # an involution
     assert bool((flipped[..., :2][flipped[..., 2] == 0] == 0).all())  # unlabelled ones stay at (0, 0)
+
+
+def test_the_trainers_flip_swaps_left_and_right_keypoints():
+    dataset = FiguresDataset(2, seed=4)
+    image, target = dataset[0]
+    mirrored, flipped = horizontal_flip(image, target, dataset.flip_index)
+    assert torch.equal(flipped["keypoints"], flip_keypoints(target["keypoints"], image.shape[-1], FLIP_INDEX))
+    assert torch.equal(mirrored, image.flip(-1)) and torch.equal(flipped["masks"], target["masks"].flip(-1))
+    with pytest.raises(ValueError, match="flip index"):
+        horizontal_flip(image, target)  # keypoints without their names' index would keep left as left
+    images = TrainingImages(dataset, seed=0, flip=True)
+    keys = [(0, 0, epoch, 0) for epoch in range(8)]  # image 0 in 8 epochs: flipped about half the time
+    seen = {bool(torch.equal(images[key][2]["keypoints"], flipped["keypoints"])) for key in keys}
+    assert seen == {True, False}
 
 
 def test_bad_settings_raise_before_drawing():

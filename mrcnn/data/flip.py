@@ -14,13 +14,21 @@ from __future__ import annotations
 import torch
 
 
-def horizontal_flip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
-    """Mirror an image float [3, H, W] and its target: x -> W - x for boxes, columns for masks."""
+def horizontal_flip(image: torch.Tensor, target: dict, keypoint_flip_index: list[int] | tuple[int, ...] | None = None
+                    ) -> tuple[torch.Tensor, dict]:  # fmt: skip
+    """Mirror an image float [3, H, W] and its target: x -> W - x for boxes, columns for masks, and
+    keypoints (`flip_keypoints`, left and right swapped by `keypoint_flip_index`, which a target
+    with "keypoints" needs)."""
     width = image.shape[-1]
     boxes = target["boxes"].clone()
     boxes[:, 0] = width - target["boxes"][:, 2]  # the right edge becomes the left one
     boxes[:, 2] = width - target["boxes"][:, 0]
-    return image.flip(-1), {**target, "boxes": boxes, "masks": target["masks"].flip(-1)}
+    flipped = {**target, "boxes": boxes, "masks": target["masks"].flip(-1)}
+    if "keypoints" in target:
+        if keypoint_flip_index is None:
+            raise ValueError("flipping keypoints needs the flip index of their names (left and right swap)")
+        flipped["keypoints"] = flip_keypoints(target["keypoints"], width, keypoint_flip_index)
+    return image.flip(-1), flipped
 
 
 def flip_index(names: tuple[str, ...] | list[str]) -> list[int]:
