@@ -158,9 +158,12 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     paths = generate_shapes(root / "shapes", num_train=6, num_val=0, object_size=(40, 64), workers=0)
     dataset = CocoDataset(paths.train_images, paths.train_annotations)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a module fixture runs before the tests' one_thread: the same model on every machine
     torch.manual_seed(0)
     model = MaskRCNN(shapes_small())
     train(model, dataset, 150)
+    torch.set_num_threads(threads)
     return model, dataset, root
 
 
@@ -193,7 +196,8 @@ def test_exported_model_detects_what_the_model_detects_on_other_sizes(trained):
         found = detector(image.numpy())
         assert found["masks"].shape[2:] == tuple(image.shape[1:])
         confident = (expected["scores"] >= 0.3).numpy()
-        assert confident.any()  # trained: there is something to compare
+        if not confident.any():  # a crop can cut every object: the count below makes sure something is compared
+            continue
         iou = box_iou(expected["boxes"][confident], torch.from_numpy(found["boxes"])).numpy()  # [D_eager, D_onnx]
         best = iou.argmax(axis=1)  # the exported detection each confident eager detection matches
         np.testing.assert_array_equal(found["labels"][best], expected["labels"][confident].numpy())
@@ -203,6 +207,7 @@ def test_exported_model_detects_what_the_model_detects_on_other_sizes(trained):
             assert mask_iou(found["masks"][match, 0], expected["masks"][index, 0].numpy()) >= 0.95
         compared += int(confident.sum())
     print(f"{compared} confident detections compared")
+    assert compared >= 4  # trained: there is something to compare
 
     # the folder runs on its own: numpy and onnxruntime, no torch, no mrcnn
     image = other_sizes(dataset)[0]
