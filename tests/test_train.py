@@ -207,8 +207,8 @@ def test_resume_gives_the_same_weights_and_losses_as_an_uninterrupted_run(tmp_pa
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12, msg=name)
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
-    model = tiny_model()
+def nan_at_step_4(model):
+    """`model` whose mask loss is NaN on the first image of step 4 (the 7th forward pass: batches of 2)."""
     forward, calls = model.forward, []
 
     def poisoned(images, targets=None):
@@ -219,6 +219,11 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path)
         return losses
 
     model.forward = poisoned
+    return model
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    model = nan_at_step_4(tiny_model())
     settings = TrainSettings(iterations=10, batch_size=2, lr=0.01, warmup_iterations=0, checkpoint_every=2)
     with pytest.raises(NonFiniteLossError, match=r"step 4: the loss is not finite \(.*loss_mask=nan.*\).*checkpoint.pt \(step 2\), is kept"):
         train(model, ShapesDataset(4, **TINY_DRAW), settings, tmp_path, progress=False)
@@ -231,17 +236,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path)
 def test_a_non_finite_loss_read_steps_later_is_never_saved(tmp_path):
     """With the losses read every 5 steps, a NaN at step 4 is found at step 5, after the update of
     step 4: the run stops there, before the checkpoint of step 6, and keeps that of step 3."""
-    model = tiny_model()
-    forward, calls = model.forward, []
-
-    def poisoned(images, targets=None):
-        losses = forward(images, targets)
-        calls.append(1)
-        if len(calls) == 7:  # the first image of step 4
-            losses["loss_mask"] = losses["loss_mask"] * float("nan")
-        return losses
-
-    model.forward = poisoned
+    model = nan_at_step_4(tiny_model())
     settings = TrainSettings(iterations=10, batch_size=2, lr=0.01, warmup_iterations=0, checkpoint_every=3,
                              log_every=5)  # fmt: skip
     with pytest.raises(NonFiniteLossError, match=r"step 4: the loss is not finite \(.*loss_mask=nan.*\); training "
