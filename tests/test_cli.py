@@ -24,6 +24,7 @@ from mrcnn.data.keypoints import KEYPOINT_NAMES, generate_figures
 from mrcnn.jobs import training_config
 from mrcnn.model import MaskRCNN
 from mrcnn.weights import CLASS_SPECIFIC
+from test_checkpoint import FullDisk
 from test_weights import torchvision_named_state_dict
 
 TINY_TRAINING = ["--iterations", "2", "--batch-size", "2", "--threads", "1", "--device", "cpu"]
@@ -264,22 +265,6 @@ def test_a_diverging_run_never_writes_non_finite_weights(shapes, tmp_path, capsy
     error = _one_line_error(argv, capsys, status=1)
     assert "step 1: the weights are not finite" in error and "no checkpoint was written yet" in error
     assert not (run / "checkpoint.pt").exists()
-
-
-class FullDisk:
-    """A file that takes `room` bytes and then fails as a full disk does."""
-
-    def __init__(self, file, room: int):
-        self.file, self.room = file, room
-
-    def write(self, data) -> int:
-        if len(data) > self.room:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.room -= len(data)
-        return self.file.write(data)
-
-    def flush(self) -> None:
-        self.file.flush()
 
 
 def test_a_full_disk_or_a_read_only_folder_is_one_line_and_status_2(shapes, tmp_path, monkeypatch, capsys):
