@@ -42,6 +42,7 @@ import torch
 
 import mrcnn
 from mrcnn import config as config_module
+from mrcnn.checkpoint import load_checkpoint, model_from_checkpoint
 from mrcnn.data.shapes import generate_shapes
 from mrcnn.evaluate import evaluate
 from mrcnn.jobs import open_dataset
@@ -186,16 +187,27 @@ def finished(output_dir: Path, arm: str, seed: int, settings: dict) -> dict | No
     return record if record.get("settings") == settings else None
 
 
-@contextlib.contextmanager
-def two_way_softmax_masks(model):
-    """Decode a softmax-loss model's masks as `p_k / (p_k + p_0) = sigmoid(m_k - m_0)` while inside.
+# The other ways to read a softmax-loss model's masks, scored beside the library's (where the
+# object's class k wins the pixel, `mrcnn.mask_head.softmax_decision`): each maps the mask
+# logits `[D, K, M, M]` and the detections' classes `[D]` to a map `[D, M, M]` cut at one half.
+SOFTMAX_READINGS = {
+    # p_k > 1/2: the softmax probability of class k over all K classes. Where the probability is
+    # shared among classes, k can win the pixel and still fall short of one half.
+    "segm_p_k": lambda logits, k, index: logits.softmax(dim=1)[index, k],
+    # p_k / (p_k + p_0) = sigmoid(m_k - m_0) > 1/2: class k against the background alone.
+    "segm_two_way": lambda logits, k, index: (logits[index, k] - logits[:, 0]).sigmoid(),
+}
 
-    The library's rule for the softmax variant (mrcnn/mask_head.py) binarizes `p_k`, the softmax
-    over all K classes, at 0.5; a pixel whose probability is split among classes then falls out
-    of the mask even where class k beats the background. Comparing class k with the background
-    alone (object where `m_k > m_0`) is the multinomial model's own decision between the two, and
-    tells how much of the variant's mask AP is the decoding rule rather than the training.
+
+@contextlib.contextmanager
+def softmax_mask_reading(model, reading: str):
+    """Decode a softmax-loss model's masks by `SOFTMAX_READINGS[reading]` while inside.
+
+    The library's rule (mrcnn/mask_head.py) is the one a per-pixel softmax implies: the pixel
+    belongs to the class that wins it. The other readings tell how much of the variant's mask
+    AP is the decoding rule rather than the training.
     """
+    rule = SOFTMAX_READINGS[reading]
     branch = model.mask_branch
     library_predict = branch.predict
 
@@ -203,7 +215,7 @@ def two_way_softmax_masks(model):
         mask_logits = branch.mask_logits(features, [d["boxes"] for d in detections])  # [D, K, M, M]
         labels = torch.cat([d["labels"] for d in detections])  # [D]
         index = torch.arange(labels.shape[0], device=labels.device)  # [D]
-        probabilities = (mask_logits[index, labels] - mask_logits[:, 0]).sigmoid()[:, None]  # [D, 1, M, M]
+        probabilities = rule(mask_logits.float(), labels, index)[:, None]  # [D, 1, M, M]
         per_image = probabilities.split([d["labels"].shape[0] for d in detections])
         return [{**d, "masks": masks} for d, masks in zip(detections, per_image)]
 
@@ -212,6 +224,18 @@ def two_way_softmax_masks(model):
         yield model
     finally:
         branch.predict = library_predict
+
+
+def score(model, val_set, directory: Path | None) -> dict:
+    """COCO metrics of the model on the held-out images ("bbox", "segm"), and for a softmax-loss
+    model its masks read the other ways too ("segm_p_k", "segm_two_way")."""
+    metrics = evaluate(model, val_set, output_dir=directory, progress=False)
+    config = model.config
+    if config.mask and config.mask_loss == "softmax":  # the same model, its masks read the other ways
+        for reading in SOFTMAX_READINGS:
+            with softmax_mask_reading(model, reading):
+                metrics[reading] = evaluate(model, val_set, progress=False)["segm"]
+    return metrics
 
 
 def code_version() -> dict:
@@ -245,10 +269,7 @@ def run_one(arm: str, seed: int, args: argparse.Namespace) -> dict:
     summary = train(model, train_set, settings, directory, resume=True, progress=False)
     log = read_log(directory / "log.jsonl")
     started = time.perf_counter()
-    metrics = evaluate(model, val_set, output_dir=directory, progress=False)
-    if config.mask and config.mask_loss == "softmax":  # the same model, its masks read the other way
-        with two_way_softmax_masks(model):
-            metrics["segm_two_way"] = evaluate(model, val_set, progress=False)["segm"]
+    metrics = score(model, val_set, directory)
     evaluate_seconds = time.perf_counter() - started
     last = log[-50:]  # the mean of the last 50 steps: one step's loss is noisy
     record = {
@@ -262,11 +283,51 @@ def run_one(arm: str, seed: int, args: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads(), "torch": torch.__version__, "code": code_version(),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }  # fmt: skip
-    path = record_path(args.output_dir, arm, seed)
+    write_record(record_path(args.output_dir, arm, seed), record)
+    return record
+
+
+def needs_rescoring(record: dict) -> bool:
+    """Whether a finished record lacks a reading this code makes: a softmax-loss run scored before
+    the library read its masks by the winning class (its "segm" was then p_k > 1/2)."""
+    changes = record.get("changes", {})
+    return changes.get("mask_loss") == "softmax" and not all(r in record["metrics"] for r in SOFTMAX_READINGS)
+
+
+def rescore(args: argparse.Namespace, arms: list[str]) -> list[str]:
+    """Score again, from the checkpoint of its last step, each finished run of these arms that
+    `needs_rescoring`; its record keeps the metrics it had and says which code scored it again."""
+    torch.set_num_threads(args.threads)
+    settings, val_set, done = run_settings(args), None, []
+    for arm in arms:
+        for seed in args.seeds:
+            record = finished(args.output_dir, arm, seed, settings)
+            if record is None or not needs_rescoring(record):
+                continue
+            directory = record_path(args.output_dir, arm, seed).parent
+            checkpoint = load_checkpoint(directory / "checkpoint.pt")
+            if checkpoint["step"] != record["steps"]:
+                raise RuntimeError(f"{directory}: the checkpoint holds step {checkpoint['step']}, the record {record['steps']} steps")
+            val_set = val_set or open_dataset(args.output_dir / "shapes", "val")
+            model = model_from_checkpoint(checkpoint, directory / "checkpoint.pt").eval()
+            previous = record["metrics"]
+            record["metrics"] = {"bbox": previous["bbox"], **score(model, val_set, directory)}
+            record["rescored"] = {"code": code_version(), "previous_metrics": previous,
+                                  "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}  # fmt: skip
+            write_record(record_path(args.output_dir, arm, seed), record)
+            done.append(f"{arm} seed {seed}")
+            new = record["metrics"]
+            print(f"{arm} seed {seed} scored again: mask AP {100 * new['segm']['AP']:.1f} (the class that wins the pixel), "
+                  + ", ".join(f"{r} {100 * new[r]['AP']:.1f}" for r in SOFTMAX_READINGS)
+                  + f"; before: {100 * previous['segm']['AP']:.1f}", flush=True)  # fmt: skip
+    return done
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Write a run's record atomically: it is either whole or absent."""
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(record, indent=2))
-    temporary.replace(path)  # atomic: a record is either whole or absent
-    return record
+    temporary.replace(path)
 
 
 def _run_job(job: tuple[str, int, argparse.Namespace]) -> tuple[str, int, dict | None, str | None]:
@@ -294,7 +355,7 @@ def summarize_arm(records: list[dict]) -> dict:
     """Per-arm statistics over its seeds, AP in percent (as the paper prints them)."""
     records = sorted(records, key=lambda r: r["seed"])
     summary = {"seeds": [r["seed"] for r in records], "preset": records[0]["preset"], "changes": records[0]["changes"]}
-    for iou_type, key in (("segm", "mask"), ("bbox", "box"), ("segm_two_way", "mask_two_way")):
+    for iou_type, key in (("segm", "mask"), ("bbox", "box"), ("segm_p_k", "mask_p_k"), ("segm_two_way", "mask_two_way")):
         if all(iou_type in r["metrics"] for r in records):
             for metric in METRICS:
                 summary[f"{key}_{metric}"] = spread([100 * r["metrics"][iou_type][metric] for r in records])
@@ -366,11 +427,13 @@ def markdown(record: dict) -> str:
                          f"{paper_numbers[1]} | {stats['train_seconds']['mean']:.0f} |")  # fmt: skip
         for row in spec["rows"]:
             stats = arms.get(row["arm"]) or {}
-            if "mask_two_way_AP" in stats:
-                values = ", ".join(f"{v:.1f}" for v in stats["mask_two_way_AP"]["values"])
-                lines += ["", f"{row['arm']}, the same models with masks read as sigmoid(m_k - m_0) (class k against the "
-                          f"background only): mask AP {_cell(stats['mask_two_way_AP'])} ({values}), AP50 "
-                          f"{_cell(stats['mask_two_way_AP50'])}, AP75 {_cell(stats['mask_two_way_AP75'])}."]  # fmt: skip
+            for key, reading in (("mask_p_k", "p_k > 1/2 (the softmax probability of class k over all classes)"),
+                                 ("mask_two_way", "sigmoid(m_k - m_0) > 1/2 (class k against the background only)")):  # fmt: skip
+                if f"{key}_AP" in stats:
+                    values = ", ".join(f"{v:.1f}" for v in stats[f"{key}_AP"]["values"])
+                    lines += ["", f"{row['arm']}, the same models with masks read as {reading} instead of by the class "
+                              f"that wins the pixel: mask AP {_cell(stats[f'{key}_AP'])} ({values}), AP50 "
+                              f"{_cell(stats[f'{key}_AP50'])}, AP75 {_cell(stats[f'{key}_AP75'])}."]  # fmt: skip
         lines.append("")
     table3 = record["table3"]
     if "box_AP_gain_per_seed" in table3:
@@ -443,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, default=ROOT / "runs" / "ablations")
     parser.add_argument("--results", type=Path, default=ROOT / "experiments" / "results" / "ablations.json")
     parser.add_argument("--summarize-only", action="store_true", help="write the results from the finished runs")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score finished runs again from their checkpoints where this code reads them another way "
+                             "(softmax-loss runs scored before masks were read by the winning class), then summarize")  # fmt: skip
     args = parser.parse_args(argv)
     if args.processes < 1 or args.threads < 1 or args.iterations < 1:
         parser.error("--processes, --threads and --iterations must be >= 1")
@@ -452,7 +518,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
 
     errors: dict = {}
-    if not args.summarize_only:
+    if args.rescore:
+        print(f"{len(rescore(args, arms))} runs scored again", flush=True)
+    elif not args.summarize_only:
         generate_shapes(args.output_dir / "shapes", args.num_train, args.num_val, seed=args.data_seed)
         settings = run_settings(args)
         jobs = [(arm, seed, args) for arm in arms for seed in args.seeds if finished(args.output_dir, arm, seed, settings) is None]
@@ -486,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped at the time limit; not started: {[(a, s) for a, s, _ in pending]}", flush=True)
     result = write_summary(args, arms, errors)
     print(args.results.with_suffix(".md").read_text())
-    return 1 if result["missing_runs"] and not args.summarize_only else 0
+    return 1 if result["missing_runs"] and not (args.summarize_only or args.rescore) else 0
 
 
 if __name__ == "__main__":

@@ -172,6 +172,21 @@ class MLPMaskPredictor(nn.Module):
         raise ValueError("the MLP mask predictor is an ablation; torchvision has no such weights")
 
 
+def softmax_decision(mask_logits: Tensor, channel: Tensor) -> Tensor:
+    """How a per-pixel softmax over classes is read, as a semantic-segmentation FCN reads it: the
+    pixel belongs to class k where k wins, `m_k > m_j` for every other channel j (the background
+    among them). As a map that pastes and thresholds like a probability:
+    `sigmoid(m_k - max_{j != k} m_j)`, above one half exactly where k is the argmax.
+
+    mask_logits `[D, K, M, M]`, channel `[D]` (the class k of each detection) -> `[D, M, M]`.
+    """
+    index = torch.arange(channel.shape[0], device=channel.device)  # [D]
+    own = mask_logits[index, channel]  # [D, M, M]: m_k
+    others = mask_logits.clone()
+    others[index, channel] = float("-inf")  # [D, K, M, M]: every channel but k
+    return (own - others.amax(dim=1)).sigmoid()
+
+
 class MaskBranch(RoIBranch):
     """Pooler, head and predictor of the mask branch, trained on positive RoIs, run on detections.
 
@@ -183,7 +198,8 @@ class MaskBranch(RoIBranch):
             predictor of one channel (`num_masks == 1`) is the class-agnostic mask of Table 2b.
         loss: "sigmoid", the paper's per-class sigmoid (`mask_loss`), or "softmax", a per-pixel
             softmax over the K classes (`multinomial_mask_loss`, Table 2b). At inference a
-            detection's mask is the sigmoid, or the softmax probability, of its own class.
+            detection's mask is the sigmoid of its own class's mask, or, with the softmax, where
+            its class wins the pixel (`softmax_decision`).
     """
 
     def __init__(self, pooler: nn.Module, head: nn.Module, predictor: nn.Module,
@@ -228,15 +244,15 @@ class MaskBranch(RoIBranch):
 
     def predict(self, features: list[Tensor], detections: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
         """Add "masks" `[D, 1, M, M]` to each image's detections: the sigmoid probabilities of the
-        mask of each detection's own class (of the one mask when class-agnostic; the softmax
-        probability of that class with the softmax loss). Returns new dicts; the other fields
-        are the same tensors."""
+        mask of each detection's own class (of the one mask when class-agnostic; with the softmax
+        loss, `softmax_decision`, above one half where that class wins the pixel). Returns new
+        dicts; the other fields are the same tensors."""
         mask_logits = self.logits(features, [d["boxes"] for d in detections])  # [D, K, M, M] ([D, 1, M, M])
         channel = self.mask_channel(torch.cat([d["labels"] for d in detections]))  # [D]
         detection_index = torch.arange(channel.shape[0], device=channel.device)  # [D]
         mask_logits = geometry_dtype(mask_logits)  # the probabilities are pasted into the image in float32
-        if self.loss_function == "softmax":
-            probabilities = mask_logits.softmax(dim=1)[detection_index, channel][:, None]  # [D, 1, M, M]
+        if self.loss_function == "softmax":  # a per-pixel softmax decides by its largest class
+            probabilities = softmax_decision(mask_logits, channel)[:, None]  # [D, 1, M, M]
         else:
             probabilities = mask_logits[detection_index, channel].sigmoid()[:, None]  # [D, 1, M, M]: the predicted class only
         per_image = probabilities.split([d["labels"].shape[0] for d in detections])

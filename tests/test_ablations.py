@@ -161,7 +161,7 @@ def test_one_arm_end_to_end_writes_a_record_and_is_skipped_the_second_time(ablat
     assert ablations.record_path(out, "faster_fpn", 3).stat().st_mtime_ns == written
 
 
-def test_two_way_decoding_of_softmax_masks_compares_the_class_with_the_background_only(ablations):
+def test_the_other_readings_of_softmax_masks(ablations):
     import torch
 
     from mrcnn.config import shapes_small
@@ -172,12 +172,49 @@ def test_two_way_decoding_of_softmax_masks_compares_the_class_with_the_backgroun
     features = [torch.randn(1, 64, 32 // 2**level, 32 // 2**level) for level in range(4)]  # P2..P5 of a 128 x 128 image
     detections = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [40.0, 30.0, 90.0, 100.0]]), "labels": torch.tensor([1, 3]),
                    "scores": torch.tensor([0.9, 0.8])}]  # fmt: skip
-    library = model.mask_branch.predict(features, detections)[0]["masks"]  # [D, 1, M, M]
-    logits = model.mask_branch.mask_logits(features, [detections[0]["boxes"]])  # [D, K, M, M]
-    with torch.no_grad(), ablations.two_way_softmax_masks(model):
-        two_way = model.mask_branch.predict(features, detections)[0]["masks"]
-    expected = torch.stack([(logits[d, k] - logits[d, 0]).sigmoid() for d, k in enumerate((1, 3))])[:, None]
-    assert torch.allclose(two_way, expected, atol=1e-6)
-    assert torch.allclose(library, torch.stack([logits[d].softmax(0)[k] for d, k in enumerate((1, 3))])[:, None], atol=1e-6)
-    assert (two_way >= library - 1e-6).all()  # p_k / (p_k + p_0) >= p_k: the two-way rule keeps more pixels
+    with torch.no_grad():
+        library = model.mask_branch.predict(features, detections)[0]["masks"]  # [D, 1, M, M]
+        logits = model.mask_branch.mask_logits(features, [detections[0]["boxes"]])  # [D, K, M, M]
+        readings = {}
+        for reading in ablations.SOFTMAX_READINGS:
+            with ablations.softmax_mask_reading(model, reading):
+                readings[reading] = model.mask_branch.predict(features, detections)[0]["masks"]
+    own = torch.stack([logits[d, k] for d, k in enumerate((1, 3))])[:, None]  # [D, 1, M, M]: m_k
+    two_way = (own - logits[:, :1]).sigmoid()
+    p_k = torch.stack([logits[d].softmax(0)[k] for d, k in enumerate((1, 3))])[:, None]
+    torch.testing.assert_close(readings["segm_two_way"], two_way)
+    torch.testing.assert_close(readings["segm_p_k"], p_k)
+    # the library: the pixel is class k's where k wins; that keeps at least what p_k > 1/2 keeps,
+    # and at most what k against the background alone keeps
+    wins = torch.stack([logits[d].argmax(0) == k for d, k in enumerate((1, 3))])[:, None]
+    assert torch.equal(library > 0.5, wins)
+    assert ((p_k > 0.5) <= (library > 0.5)).all() and ((library > 0.5) <= (two_way > 0.5)).all()
     assert model.mask_branch.predict(features, detections)[0]["masks"].equal(library)  # restored on exit
+
+
+@pytest.mark.slow
+def test_rescoring_reads_an_older_softmax_run_by_the_winning_class_and_keeps_what_it_had(ablations, tmp_path, capsys):
+    out, results = tmp_path / "runs", tmp_path / "results" / "ablations.json"
+    argv = ["--arms", "fpn_softmax", "--seeds", "1", "--iterations", "2", "--batch-size", "2", "--warmup", "1",
+            "--num-train", "6", "--num-val", "3", "--processes", "1", "--output-dir", str(out),
+            "--results", str(results)]  # fmt: skip
+    assert ablations.main(argv) == 0
+    path = ablations.record_path(out, "fpn_softmax", 1)
+    record = json.loads(path.read_text())
+    scored = record["metrics"]
+    assert set(ablations.SOFTMAX_READINGS) <= set(scored) and not ablations.needs_rescoring(record)
+    # a record as the code before wrote it: "segm" was the p_k > 1/2 reading, and there was no "segm_p_k"
+    old = {k: v for k, v in scored.items() if k != "segm_p_k"} | {"segm": scored["segm_p_k"]}
+    path.write_text(json.dumps({**record, "metrics": old}))
+    assert ablations.needs_rescoring(json.loads(path.read_text()))
+    capsys.readouterr()
+    assert ablations.main(argv + ["--rescore"]) == 0
+    assert "1 runs scored again" in capsys.readouterr().out
+    rescored = json.loads(path.read_text())
+    assert rescored["metrics"] == scored  # the same checkpoint read the same ways
+    assert rescored["rescored"]["previous_metrics"] == old and "commit" in rescored["rescored"]["code"]
+    summary = json.loads(results.read_text())
+    assert summary["arms"]["fpn_softmax"]["mask_p_k_AP"]["values"] == [pytest.approx(100 * scored["segm_p_k"]["AP"])]
+    assert "p_k > 1/2" in results.with_suffix(".md").read_text()
+    assert ablations.main(argv + ["--rescore"]) == 0  # nothing left to score again
+    assert "0 runs scored again" in capsys.readouterr().out

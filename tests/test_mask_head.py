@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mrcnn.box_head import BoxBranch, BoxHead, BoxPredictor, TrainingRoIs, boxes_to_rois
-from mrcnn.mask_head import MaskBranch, MaskHead, MaskPredictor, MLPMaskHead, MLPMaskPredictor
+from mrcnn.mask_head import MaskBranch, MaskHead, MaskPredictor, MLPMaskHead, MLPMaskPredictor, softmax_decision
 from mrcnn.mask_loss import mask_loss, mask_targets, multinomial_mask_loss
 from mrcnn.poolers import MultiLevelRoIAlign
 
@@ -182,20 +182,21 @@ def test_class_agnostic_loss_uses_the_one_channel():
 
 
 def test_inference_of_the_softmax_and_class_agnostic_variants():
-    detections = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 30.0], [10.0, 12.0, 20.0, 50.0]]),
-                   "labels": torch.tensor([3, 1]), "scores": torch.tensor([0.9, 0.8])}]  # fmt: skip
+    detections = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 30.0], [10.0, 12.0, 20.0, 50.0], [0.0, 0.0, 9.0, 9.0]]),
+                   "labels": torch.tensor([3, 1, 4]), "scores": torch.tensor([0.9, 0.8, 0.7])}]  # fmt: skip
     features = pyramid(images=1)
     softmax = MaskBranch(MultiLevelRoIAlign(14), MaskHead(8, (8,) * 4), constant_class_predictor(5), loss="softmax").eval()
     with torch.no_grad():
         masks = softmax.predict(features, detections)[0]["masks"]  # [D, 1, 28, 28]
-    p = torch.softmax(torch.arange(5) * 0.1, dim=0)  # the softmax of the constant logits 0.1 k
-    torch.testing.assert_close(masks[0], torch.full((1, 28, 28), p[3].item()))
-    torch.testing.assert_close(masks[1], torch.full((1, 28, 28), p[1].item()))
+    # constant logits 0.1 k: class 4 wins every pixel; the map is sigmoid(m_k - the best other m_j)
+    for d, (own, best_other) in enumerate(((0.3, 0.4), (0.1, 0.4), (0.4, 0.3))):
+        torch.testing.assert_close(masks[d], torch.full((1, 28, 28), torch.sigmoid(torch.tensor(own - best_other)).item()))
+    assert (masks[:2] < 0.5).all() and (masks[2] > 0.5).all()
     agnostic = MaskBranch(MultiLevelRoIAlign(14), MaskHead(8, (8,) * 4), constant_class_predictor(1)).eval()
     with torch.no_grad():
         agnostic.predictor.mask_logits.bias.fill_(0.7)
         masks = agnostic.predict(features, detections)[0]["masks"]
-    torch.testing.assert_close(masks, torch.full((2, 1, 28, 28), torch.sigmoid(torch.tensor(0.7)).item()))
+    torch.testing.assert_close(masks, torch.full((3, 1, 28, 28), torch.sigmoid(torch.tensor(0.7)).item()))
 
 
 def test_mask_branch_bad_variants_are_value_errors():
@@ -299,3 +300,17 @@ def test_branches_match_torchvision_roi_heads():
     # the mask targets come from our RoIAlign and the loss is computed as softplus(x) - t x:
     # the same value to float rounding
     assert torch.allclose(losses["loss_mask"], expected_losses["loss_mask"], rtol=1e-5, atol=0)
+
+
+def test_a_softmax_mask_is_read_by_the_class_that_wins_the_pixel():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5, 8, 8) * 3  # [D, K, M, M]
+    channel = torch.tensor([1, 2, 3, 4, 1, 2])  # [D]
+    before = logits.clone()
+    decision = softmax_decision(logits, channel)  # [D, M, M]
+    wins = logits.argmax(dim=1) == channel[:, None, None]  # [D, M, M]
+    assert wins.any() and (~wins).any()
+    assert torch.equal(decision > 0.5, wins)
+    assert torch.equal(logits, before)  # the logits are left alone
+    p = logits.softmax(dim=1)[torch.arange(6), channel]
+    assert ((decision > 0.5) & (p <= 0.5)).any()  # where k wins with p_k <= 1/2: the reading p_k > 1/2 would drop it
