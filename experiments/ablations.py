@@ -401,6 +401,22 @@ def _cell(stats: dict | None) -> str:
     return "-" if stats is None else f"{stats['mean']:.1f} ± {stats['std']:.1f}"
 
 
+def conditions(record: dict) -> list[str]:
+    """The closing lines of a sweep's markdown (this one's and experiments/transfer.py's): the
+    command, the machine and its load, the code that trained (and that scored again), the settings."""
+    machine = record["machine"]
+    niceness = f", niceness {machine['niceness']}" if "niceness" in machine else ""
+    edits = " (with uncommitted edits in mrcnn/)" if record.get("code_uncommitted_edits_in_mrcnn") else ""
+    rescored = f" Scored again from their checkpoints (--rescore): {'; '.join(record['rescored'])}." if record.get("rescored") else ""
+    low, high = record["load_average_1min_over_runs"]
+    return [f"Command: `{record['command']}`", "",
+            f"Machine: {machine['processor']}, {machine['cpu_count']} cores, {machine['platform']}; torch {machine['torch']}, "
+            f"{machine['threads_per_run']} thread per run, up to {machine['processes']} runs at once{niceness}; 1-minute "
+            f"load average at the start and end of the runs: {low} to {high} (a shared machine: the seconds are not "
+            f"speeds). Code: mrcnn at commit {', '.join(record['code_commits'])}{edits}.{rescored}", "",
+            f"Settings: {record['settings']}", ""]  # fmt: skip
+
+
 def markdown(record: dict) -> str:
     """The tables of `ablations.md`: ours next to the paper's, per paper table."""
     lines = ["# The paper's ablations (Table 2) and box detection (Table 3) on the synthetic shapes", "",
@@ -441,14 +457,7 @@ def markdown(record: dict) -> str:
         lines += ["## Section 4.3: does the mask branch help the boxes?", "",
                   f"Box AP of Mask R-CNN minus Faster R-CNN, same seed: {_cell(gain)} "
                   f"([{', '.join(f'{v:+.1f}' for v in gain['values'])}]); paper: +0.9 (38.2 vs 37.3).", ""]  # fmt: skip
-    machine = record["machine"]
-    lines += [f"Command: `{record['command']}`", "",
-              f"Machine: {machine['processor']}, {machine['cpu_count']} cores, {machine['platform']}; torch "
-              f"{machine['torch']}, {machine['threads_per_run']} thread per run, {machine['processes']} runs at once; "
-              f"1-minute load average at the start and end of the runs: {record['load_average_1min_over_runs'][0]} to "
-              f"{record['load_average_1min_over_runs'][1]} (the machine was shared; train seconds are not speeds of the "
-              f"arms). Code: mrcnn at commit {', '.join(record['code_commits'])}.", "",
-              f"Settings: {record['settings']}", ""]  # fmt: skip
+    lines += conditions(record)
     if record["missing_runs"]:
         lines += [f"Not run (or failed): {', '.join(record['missing_runs'])}.", ""]
     return "\n".join(lines)
@@ -475,6 +484,8 @@ def write_summary(args: argparse.Namespace, arms: list[str], errors: dict) -> di
         "settings": {**settings, "seeds": args.seeds},
         "data": {"num_train": args.num_train, "num_val": args.num_val, "seed": args.data_seed},
         "code_commits": sorted({str(r.get("code", {}).get("commit")) for r in records}),
+        "rescored": sorted(f"{r['arm']} seed {r['seed']} at commit {r['rescored']['code'].get('commit')}"
+                           for r in records if "rescored" in r),  # fmt: skip
         "load_average_1min_over_runs": [min((v for r in records for v in (r["load_average_before"][0], r["load_average_after"][0])), default=None),
                                         max((v for r in records for v in (r["load_average_before"][0], r["load_average_after"][0])), default=None)],  # fmt: skip
         "ap_unit": "percent",

@@ -61,7 +61,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablations import code_version, spread  # noqa: E402  (the sibling experiment's helpers: one definition each)
+from ablations import code_version, conditions, spread  # noqa: E402  (the sibling experiment's helpers: one definition each)
 
 ARMS = {
     "fine_tuned": "pretrained on the shapes, loaded with load_pretrained (class layers re-initialised)",
@@ -384,15 +384,7 @@ def markdown(record: dict) -> str:
     if record.get("reinitialised"):
         lines += [f"Re-initialised by `load_pretrained` (K = 5 in the file, 2 in the model): "
                   f"{', '.join(f'`{k}`' for k in record['reinitialised'])}; every other tensor loaded.", ""]  # fmt: skip
-    machine = record["machine"]
-    lines += [f"Command: `{record['command']}`", "",
-              f"Machine: {machine['processor']}, {machine['cpu_count']} cores, {machine['platform']}; torch "
-              f"{machine['torch']}, {machine['threads_per_run']} thread per run, up to {machine['processes']} runs at "
-              f"once, niceness {machine['niceness']}; 1-minute load average at the start and end of the runs: "
-              f"{record['load_average_1min_over_runs'][0]} to {record['load_average_1min_over_runs'][1]} (a shared "
-              f"machine: the seconds are not speeds). Code: mrcnn at commit {', '.join(record['code_commits'])}"
-              f"{' (with uncommitted edits in mrcnn/)' if record['code_uncommitted_edits_in_mrcnn'] else ''}.", "",
-              f"Settings: {record['settings']}", ""]  # fmt: skip
+    lines += conditions(record)
     if record["missing_runs"]:
         lines += [f"Not run (or failed): {', '.join(record['missing_runs'])}.", ""]
     return "\n".join(lines)
