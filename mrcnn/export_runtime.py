@@ -261,6 +261,21 @@ class Detector:
         return detections
 
 
+def read_picture(path: Path) -> np.ndarray:
+    """A picture file as float32 `[3, H, W]` in [0, 1], read as the library reads it: 8-bit channels
+    / 255, 16-bit grey / 65535 (32-bit integer grey taken as 16-bit values), float grey as it is,
+    other modes (palette, grey with alpha, RGBA, CMYK) converted to RGB by Pillow."""
+    with Image.open(path) as picture:
+        picture.load()  # the whole file: a truncated one fails here
+        if picture.mode.startswith("I"):
+            grey = np.asarray(picture).astype(F32).clip(0, 65535) / F32(65535)  # [H, W]
+        elif picture.mode == "F":
+            grey = np.asarray(picture, dtype=F32).clip(0, 1)  # [H, W]
+        else:
+            return np.asarray(picture.convert("RGB"), dtype=F32).transpose(2, 0, 1) / F32(255)  # [3, H, W]
+    return np.repeat(grey[None], 3, axis=0)  # [3, H, W]
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python detector.py [--threads N] [--score-threshold T] picture.png ...`: one JSON line per picture."""
     parser = argparse.ArgumentParser(description="Run an exported Mask R-CNN on pictures (numpy and onnxruntime).")
@@ -271,9 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if Image is None:
         parser.error("reading pictures needs Pillow (pip install pillow)")
+    images = {}
+    for path in args.pictures:  # every picture is read before the model runs on any
+        try:
+            images[path] = read_picture(path)
+        except Exception as error:  # Pillow raises several kinds (OSError, SyntaxError, ValueError, ...)
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            print(f"detector.py: error: picture {path} cannot be read: {reason}", file=sys.stderr)
+            return 2
     detector = Detector(args.model, args.threads)
-    for path in args.pictures:
-        image = np.asarray(Image.open(path).convert("RGB"), dtype=F32).transpose(2, 0, 1) / F32(255)  # [3, H, W]
+    for path, image in images.items():
         found = detector(image)
         chosen = found["scores"] >= args.score_threshold
         records = [{"box": [round(float(v), 2) for v in box], "label": int(label), "score": round(float(score), 4)}

@@ -106,6 +106,29 @@ def test_runtime_pasting_and_resizing_are_the_librarys():
                                   resize_boxes(boxes, (85, 128), (100, 150)).numpy())  # fmt: skip
 
 
+def test_runtime_reads_pictures_as_the_library_does(tmp_path, capsys):
+    from PIL import Image
+
+    from mrcnn.data.images import read_image
+
+    generator = np.random.default_rng(0)
+    pictures = {
+        "colour.png": Image.fromarray(generator.integers(0, 256, (9, 11, 3), dtype=np.uint8)),
+        "grey16.png": Image.fromarray(generator.integers(0, 65536, (9, 11), dtype=np.uint16)),  # I;16: white if cast to RGB
+        "rgba.png": Image.fromarray(generator.integers(0, 256, (9, 11, 4), dtype=np.uint8)),
+        "grey.png": Image.fromarray(generator.integers(0, 256, (9, 11), dtype=np.uint8)),
+    }
+    for name, picture in pictures.items():
+        picture.save(tmp_path / name)
+        library, _ = read_image(tmp_path / name)
+        np.testing.assert_allclose(export_runtime.read_picture(tmp_path / name), library.numpy(), atol=1e-6, err_msg=name)
+    assert export_runtime.read_picture(tmp_path / "grey16.png").max() < 1  # not saturated
+    (tmp_path / "broken.png").write_bytes((tmp_path / "colour.png").read_bytes()[:60])
+    assert export_runtime.main([str(tmp_path / "colour.png"), str(tmp_path / "broken.png"), "--model", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "broken.png" in error  # before any model is loaded: tmp_path holds none
+
+
 def test_runtime_imports_neither_torch_nor_mrcnn(tmp_path):
     runtime = tmp_path / RUNTIME_NAME
     runtime.write_text(open(export_runtime.__file__).read())
