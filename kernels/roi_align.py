@@ -107,7 +107,8 @@ def _roi_align_kernel(
     p, q = p_index.to(tl.float32), q_index.to(tl.float32)
     height, width, image_base, y_start, x_start, bin_h, bin_w, grid_h, grid_w, count = roi_geometry(
         rois_ptr, roi, num_images, positions_per_image, level_heights, level_widths, level_offsets, level_scales,
-        level_numbers, canonical_level, canonical_size, level_eps, NUM_LEVELS, POOLED_H, POOLED_W, SAMPLING_RATIO, ALIGNED,
+        level_numbers, canonical_level, canonical_size, level_eps,
+        NUM_LEVELS, POOLED_H, POOLED_W, SAMPLING_RATIO, ALIGNED,
     )
     pooled_offsets = (roi.to(tl.int64) * pooled_stride_r + channel[None, :].to(tl.int64) * pooled_stride_c
                       + (p_index * pooled_stride_h + q_index * pooled_stride_w)[:, None])  # [BLOCK_BINS, BLOCK_C]
@@ -184,7 +185,9 @@ class _RoIAlignFunction(torch.autograd.Function):
     def forward(ctx, rois: Tensor, geometry: LaunchGeometry, deterministic: bool, *features: Tensor) -> Tensor:
         ctx.save_for_backward(rois)
         ctx.geometry, ctx.deterministic, ctx.dtype = geometry, deterministic, features[0].dtype
-        pooled = features[0].new_empty(rois.shape[0], geometry.channels, geometry.pooled_height, geometry.pooled_width)  # [R, C, P_h, P_w]
+        pooled = features[0].new_empty(
+            rois.shape[0], geometry.channels, geometry.pooled_height, geometry.pooled_width
+        )  # [R, C, P_h, P_w]
         _launch(pack(features, geometry), rois, pooled, geometry, backward=False)
         return pooled
 
@@ -194,9 +197,12 @@ class _RoIAlignFunction(torch.autograd.Function):
         (rois,) = ctx.saved_tensors
         geometry = ctx.geometry
         if ctx.deterministic:  # a sort and a fixed-order sum instead of atomics
-            grad_packed = roi_align_deterministic.deterministic_backward(rois, grad_pooled, geometry)  # [N, T, C] float32
+            # [N, T, C] float32
+            grad_packed = roi_align_deterministic.deterministic_backward(rois, grad_pooled, geometry)
         else:
-            grad_packed = torch.zeros(geometry.num_images, geometry.positions, geometry.channels, device=grad_pooled.device)
+            grad_packed = torch.zeros(
+                geometry.num_images, geometry.positions, geometry.channels, device=grad_pooled.device
+            )
             _launch(grad_packed, rois, grad_pooled, geometry, backward=True)  # [N, T, C] float32
         return (None, None, None, *unpack(grad_packed.to(ctx.dtype), geometry))
 

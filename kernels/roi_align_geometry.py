@@ -121,7 +121,8 @@ def unpack(packed: Tensor, geometry: LaunchGeometry) -> tuple[Tensor, ...]:
     """`[N, T, C]` -> `L x [N, C, H_l, W_l]` views (channels-last strides), no copy."""
     n, c = geometry.num_images, geometry.channels
     maps = zip(geometry.offsets, geometry.heights, geometry.widths)
-    return tuple(packed[:, t : t + h * w].reshape(n, h, w, c).permute(0, 3, 1, 2) for t, h, w in maps)  # [N, C, H_l, W_l]
+    # each [N, C, H_l, W_l]
+    return tuple(packed[:, t : t + h * w].reshape(n, h, w, c).permute(0, 3, 1, 2) for t, h, w in maps)
 
 
 def kernel_arguments(geometry: LaunchGeometry) -> dict:

@@ -143,10 +143,13 @@ def c4_heads(config: MaskRCNNConfig, in_channels: int) -> Heads:
     mask_features = Res5Head(res5)  # [R, C5, M/2, M/2]
     if config.mask_head == "mlp":  # Table 2e on C4: the MLP reads res5's output
         hidden = (config.representation_size,) * 2
-        mask_head = nn.Sequential(mask_features, MLPMaskHead(res5_channels, config.mask_pool_size // 2, hidden))  # 7 x 7 in
+        mask_head = nn.Sequential(
+            mask_features, MLPMaskHead(res5_channels, config.mask_pool_size // 2, hidden)  # 7 x 7 in
+        )
         mask_predictor = MLPMaskPredictor(hidden[-1], num_masks, config.mask_pool_size)
     else:
-        mask_head, mask_predictor = mask_features, MaskPredictor(res5_channels, config.mask_predictor_channels, num_masks)
+        mask_head = mask_features
+        mask_predictor = MaskPredictor(res5_channels, config.mask_predictor_channels, num_masks)
     return Heads(
         2 * config.box_pool_size,  # 14: res5 halves it to 7
         Res5Head(res5, average_pool=True),

@@ -194,7 +194,11 @@ def fast_rcnn_loss(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, reg
 
 
 def refine_boxes(
-    class_logits: Tensor, box_deltas: Tensor, proposals: list[Tensor], image_sizes: list[tuple[int, int]], box_coder: BoxCoder
+    class_logits: Tensor,
+    box_deltas: Tensor,
+    proposals: list[Tensor],
+    image_sizes: list[tuple[int, int]],
+    box_coder: BoxCoder,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Every RoI refined once per class, and scored: the box branch's predictions before any selection.
 

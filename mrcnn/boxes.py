@@ -101,7 +101,9 @@ class BoxCoder:
         clamp: the largest `t_w / w_w` and `t_h / w_h` that `decode` exponentiates.
     """
 
-    def __init__(self, weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0), clamp: float = math.log(1000.0 / 16)):
+    def __init__(
+        self, weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0), clamp: float = math.log(1000.0 / 16)
+    ):
         if len(weights) != 4:
             raise ValueError(f"weights must be four numbers (w_x, w_y, w_w, w_h), got {weights}")
         self.weights = tuple(float(w) for w in weights)
@@ -231,7 +233,9 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     """
     check_boxes(boxes)
     if idxs.shape != scores.shape or scores.shape != boxes.shape[:1]:
-        raise ValueError(f"scores and idxs must be [B] with B = {boxes.shape[0]}, got {tuple(scores.shape)}, {tuple(idxs.shape)}")
+        raise ValueError(
+            f"scores and idxs must be [B] with B = {boxes.shape[0]}, got {tuple(scores.shape)}, {tuple(idxs.shape)}"
+        )
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     if boxes.numel() <= (4000 if boxes.device.type == "cpu" else 100_000):

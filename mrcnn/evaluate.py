@@ -104,7 +104,8 @@ def detections_to_coco_results(
             rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))  # [H, W, D] column-major
         keypoints = None
         if "keypoints" in detection:
-            keypoints = detection["keypoints"].detach().to("cpu", torch.float32).reshape(len(boxes), -1).tolist()  # [D, 3J]
+            keypoints = detection["keypoints"].detach().to("cpu", torch.float32)  # [D, J, 3]
+            keypoints = keypoints.reshape(len(boxes), -1).tolist()  # [D, 3J]
         for d in range(len(boxes)):
             try:
                 category_id = label_to_category_id[labels[d]]

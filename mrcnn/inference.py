@@ -106,7 +106,9 @@ def paste_matrix(start: Tensor, length: Tensor, image_length: int, source_length
     return matrix  # [D, L, S]
 
 
-def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int = 1, validate: bool = True) -> Tensor:
+def paste_masks(
+    masks: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int = 1, validate: bool = True
+) -> Tensor:
     """Paste each detection's mask probabilities into an image-sized canvas (steps 1-4 above).
 
     masks: `[D, 1, M, M]` float probabilities; boxes: `[D, 4]` (x1, y1, x2, y2) float, in the

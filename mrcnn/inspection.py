@@ -158,7 +158,8 @@ def recording(modules: dict[str, nn.Module]):
             return type(value)(copy(v) for v in value)
         return value
 
-    handles = [module.register_forward_hook(lambda _, inputs, output, name=name: seen[name].append((inputs, copy(output))))
+    handles = [module.register_forward_hook(lambda _, inputs, output, name=name:
+                                            seen[name].append((inputs, copy(output))))
                for name, module in modules.items()]  # fmt: skip
     try:
         yield seen
@@ -237,7 +238,8 @@ def _proposals(seen: dict) -> Tensor:
 def inspect_input(model: nn.Module, seen: dict) -> dict:
     """The transform's output: the normalized, resized, padded image, its size, the resized ground truth."""
     batch, image_sizes, resized_targets = _transformed(seen)
-    mean, std = (torch.as_tensor(v, dtype=batch.dtype, device=batch.device) for v in (model.transform.image_mean, model.transform.image_std))
+    mean, std = (torch.as_tensor(v, dtype=batch.dtype, device=batch.device)
+                 for v in (model.transform.image_mean, model.transform.image_std))  # fmt: skip
     padded_image = (batch[0] * std[:, None, None] + mean[:, None, None]).clamp(0, 1)  # [3, H_pad, W_pad]
     padded_image[:, image_sizes[0][0]:] = 0  # the padding, black
     padded_image[:, :, image_sizes[0][1]:] = 0
@@ -268,7 +270,9 @@ def inspect_rpn(model: nn.Module, seen: dict) -> dict:
     objectness_maps, delta_maps = seen["rpn_head"][0][1]
     anchors_per_level, objectness, _, decoded = model.rpn.predict(features, tuple(batch.shape[-2:]))
     num_anchors = [a.shape[0] for a in anchors_per_level]
-    candidates, scores, candidate_levels = model.rpn.proposals_before_nms(decoded, objectness, image_sizes, num_anchors)[0]
+    candidates, scores, candidate_levels = model.rpn.proposals_before_nms(
+        decoded, objectness, image_sizes, num_anchors
+    )[0]
     rpn_labels = rpn_matched = None
     if resized_targets is not None:
         labels, matched = model.rpn.assign_targets(torch.cat(anchors_per_level), resized_targets)

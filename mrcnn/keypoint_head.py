@@ -121,7 +121,9 @@ def keypoint_targets(keypoints: Tensor, boxes: Tensor, heatmap_size: int) -> tup
     bool `[R, J]`: labelled (v > 0) and inside the box.
     """
     if keypoints.dim() != 3 or keypoints.shape[-1] != 3 or boxes.shape != (keypoints.shape[0], 4):
-        raise ValueError(f"need keypoints [R, J, 3] and boxes [R, 4], got {tuple(keypoints.shape)} and {tuple(boxes.shape)}")
+        raise ValueError(
+            f"need keypoints [R, J, 3] and boxes [R, 4], got {tuple(keypoints.shape)} and {tuple(boxes.shape)}"
+        )
     x1, y1, x2, y2 = (boxes[:, k, None] for k in range(4))  # each [R, 1]
     x, y, visibility = keypoints.unbind(-1)  # each [R, J]
     i = ((x - x1) * (heatmap_size / (x2 - x1))).floor().long()  # [R, J]: i = floor((x - x1) M / w)
@@ -158,7 +160,9 @@ def heatmaps_to_keypoints(keypoint_logits: Tensor, boxes: Tensor) -> tuple[Tenso
     shorter than one pixel are widened to one.
     """
     if keypoint_logits.dim() != 4 or boxes.shape != (keypoint_logits.shape[0], 4):
-        raise ValueError(f"need logits [D, J, M, M] and boxes [D, 4], got {tuple(keypoint_logits.shape)} and {tuple(boxes.shape)}")
+        raise ValueError(
+            f"need logits [D, J, M, M] and boxes [D, 4], got {tuple(keypoint_logits.shape)} and {tuple(boxes.shape)}"
+        )
     num_keypoints = keypoint_logits.shape[1]
     widths = (boxes[:, 2] - boxes[:, 0]).clamp(min=1)  # [D]
     heights = (boxes[:, 3] - boxes[:, 1]).clamp(min=1)  # [D]

@@ -150,7 +150,9 @@ def multinomial_mask_loss(mask_logits: Tensor, labels: Tensor, mask_targets: Ten
     check_mask_loss_inputs(mask_logits, labels, mask_targets)
     num_rois, num_classes = mask_logits.shape[0], mask_logits.shape[1]
     if num_classes < 2:
-        raise ValueError(f"a multinomial mask loss needs K >= 2 classes (background and one object), got K = {num_classes}")
+        raise ValueError(
+            f"a multinomial mask loss needs K >= 2 classes (background and one object), got K = {num_classes}"
+        )
     dtype = torch.promote_types(mask_logits.dtype, torch.float32)  # accumulate in float32 at least
     if num_rois == 0:
         return mask_logits.sum().to(dtype) * 0
@@ -210,7 +212,9 @@ def mask_targets(
     # each RoI samples the ground-truth mask it matched: that mask's index is its "batch index"
     rois = torch.cat([matched_gt_index[:, None].to(proposals.dtype), proposals], dim=1)  # [R, 5]
     masks = gt_masks[:, None].to(proposals.dtype)  # [G, 1, H, W]
-    targets = roi_align(masks, rois, (mask_size, mask_size), spatial_scale=1.0, sampling_ratio=-1, aligned=False)[:, 0]  # [R, M, M]
+    targets = roi_align(
+        masks, rois, (mask_size, mask_size), spatial_scale=1.0, sampling_ratio=-1, aligned=False
+    )[:, 0]  # [R, M, M]
     # bilinear weights sum to 1 only up to rounding: 1.0000001 inside an object is not a target
     targets = targets.clamp(0.0, 1.0)
     if threshold is not None:

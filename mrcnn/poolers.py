@@ -79,7 +79,14 @@ def roi_align(
     return sparse_roi_align([features], rois, level, pair(output_size), [spatial_scale], sampling_ratio, aligned)
 
 
-def fpn_level(boxes: Tensor, min_level: int, max_level: int, canonical_level: int = 4, canonical_size: float = 224.0, eps: float = 1e-6) -> Tensor:
+def fpn_level(
+    boxes: Tensor,
+    min_level: int,
+    max_level: int,
+    canonical_level: int = 4,
+    canonical_size: float = 224.0,
+    eps: float = 1e-6,
+) -> Tensor:
     """The FPN level of each RoI: `k = floor(k0 + log2(sqrt(w h) / 224))`, clamped (equation 1).
 
     boxes `[R, 4]` (x1, y1, x2, y2) -> `[R]` int64 levels in `[min_level, max_level]`. A 224 x 224

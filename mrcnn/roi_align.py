@@ -266,7 +266,8 @@ def roi_pool(features: Tensor, rois: Tensor, output_size: int | tuple[int, int],
     y_index, y_used = window(y_low, y_high, height)  # [R, P_h, S_h]
     x_index, x_used = window(x_low, x_high, width)  # [R, P_w, S_w]
     batch = rois[:, 0].to(torch.int64)[:, None, None, None, None]  # [R, 1, 1, 1, 1]
-    values = features[batch, :, y_index[:, :, :, None, None], x_index[:, None, None, :, :]]  # [R, P_h, S_h, P_w, S_w, C]
+    # [R, P_h, S_h, P_w, S_w, C]: the pixels of each bin's window (the indexed dimensions first, then C)
+    values = features[batch, :, y_index[:, :, :, None, None], x_index[:, None, None, :, :]]
     used = y_used[:, :, :, None, None] & x_used[:, None, None, :, :]  # [R, P_h, S_h, P_w, S_w]
     values = values.masked_fill(~used[..., None], torch.finfo(features.dtype).min)
     pooled = values.amax(dim=(2, 4))  # [R, P_h, P_w, C]

@@ -199,7 +199,10 @@ class SparseRoIAlignFunction(torch.autograd.Function):
             num_images, _, height, width = feature.shape
             chosen = torch.nonzero(level == index).squeeze(1)  # [R_l]
             pieces.append([])
-            for part, column, weight in interpolation_chunks(rois, chosen, (pooled_h, pooled_w), scale, sampling_ratio, aligned, height, width):
+            chunks = interpolation_chunks(
+                rois, chosen, (pooled_h, pooled_w), scale, sampling_ratio, aligned, height, width
+            )
+            for part, column, weight in chunks:
                 weight = weight.to(feature.dtype)  # computed in the RoIs' dtype (float32 under mixed precision)
                 if is_channels_last(feature):
                     pixels, rows = None, feature.permute(0, 2, 3, 1).reshape(-1, channels)  # [N H W, C], a view
@@ -232,7 +235,8 @@ class SparseRoIAlignFunction(torch.autograd.Function):
             for part, column, weight, pixels in pieces:
                 num_rows = num_images * height * width if pixels is None else pixels.numel()
                 row, row_weight, offsets = transposed_bags(column, weight, num_rows)
-                row = part[row // bins] * bins + row % bins  # row (r, p, q) of the chunk's S is row (part[r], p, q) of dL/dout
+                # row (r, p, q) of the chunk's S is row (part[r], p, q) of dL/dout
+                row = part[row // bins] * bins + row % bins
                 grad_rows = F.embedding_bag(row, grad_out, offsets, mode="sum", per_sample_weights=row_weight)  # (2)
                 if pixels is None:  # channels-last: the gradient rows of all pixels are the gradient
                     update = grad_rows.view(num_images, height, width, channels).permute(0, 3, 1, 2)  # [N, C, H, W]
@@ -240,7 +244,9 @@ class SparseRoIAlignFunction(torch.autograd.Function):
                 else:  # the gradient rows of the pixels read, into a zero gradient
                     first = grad is None
                     grad = torch.empty_like(like, device=grad_out.device).zero_() if first else grad
-                    grad.permute(0, 2, 3, 1).index_put_(pixel_coordinates(pixels, height, width), grad_rows, accumulate=not first)
+                    grad.permute(0, 2, 3, 1).index_put_(
+                        pixel_coordinates(pixels, height, width), grad_rows, accumulate=not first
+                    )
             grads.append(torch.empty_like(like, device=grad_out.device).zero_() if grad is None else grad)
         return (None, None, None, *grads)
 

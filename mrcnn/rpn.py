@@ -58,7 +58,8 @@ class RPNHead(nn.Module):
             nn.init.constant_(layer.bias, 0)
 
     def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        """features: per level `[N, C, H_l, W_l]` -> (objectness `[N, A, H_l, W_l]`, deltas `[N, 4A, H_l, W_l]`) per level."""
+        """features: per level `[N, C, H_l, W_l]` -> (objectness `[N, A, H_l, W_l]`, deltas `[N, 4A, H_l, W_l]`)
+        per level."""
         objectness, box_deltas = [], []
         for feature in features:
             hidden = F.relu(self.conv(feature))
@@ -182,7 +183,8 @@ class RegionProposalNetwork(nn.Module):
         """
         post_nms_top_n = self.post_nms_top_n["training" if self.training else "testing"]
         selected = []
-        for boxes, scores, levels, image_size in zip(*self.top_candidates(proposals, objectness, num_anchors_per_level), image_sizes):
+        candidates = self.top_candidates(proposals, objectness, num_anchors_per_level)
+        for boxes, scores, levels, image_size in zip(*candidates, image_sizes):
             boxes, scores, levels = self.candidates_in_image(boxes, scores, levels, image_size)
             keep = batched_nms(boxes, scores, levels, self.nms_thresh)  # NMS within each level, best first
             selected.append(boxes[keep[:post_nms_top_n]])  # [R_i, 4]

@@ -245,7 +245,8 @@ class TrainingImages(torch.utils.data.Dataset):
         except DatasetError as error:  # a file broken since start-up, or never checked (verify_images=False)
             return key, None, str(error)
         if self.flip and np.random.default_rng((self.seed, epoch, index)).random() < 0.5:
-            image, target = horizontal_flip(image, target, getattr(self.dataset, "flip_index", None))  # keypoints: left <-> right
+            # keypoints: left <-> right
+            image, target = horizontal_flip(image, target, getattr(self.dataset, "flip_index", None))
         return key, image, target
 
 
@@ -353,7 +354,9 @@ def start_run(model: nn.Module, settings: TrainSettings, output_dir: Path, devic
         start_step = resume_from_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, settings, device)
     network = model
     if world_size > 1:
-        network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        network = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     return Run(model, network, optimizer, scheduler, scaler, settings, device, rank, world_size, checkpoint_path,
                metadata, start_step, last_saved=start_step)  # fmt: skip
 
@@ -374,7 +377,8 @@ def resume_from_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, s
     """Restore the weights, the optimizer's momentum, the schedule and the random generators saved in
     `path`; returns the number of steps done. A `ValueError` if the run cannot continue with `settings`."""
     checkpoint = load_checkpoint(path, map_location=device)
-    if checkpoint["settings"].get("seed") != settings.seed or checkpoint["settings"].get("batch_size") != settings.batch_size:
+    trained = checkpoint["settings"]
+    if trained.get("seed") != settings.seed or trained.get("batch_size") != settings.batch_size:
         raise ValueError(f"{path} was trained with another seed or batch size; resuming would change the data order")
     if checkpoint["step"] > settings.iterations:
         raise ValueError(f"{path} has done {checkpoint['step']} steps, more than the {settings.iterations} "
@@ -553,8 +557,12 @@ class TrainingLog:
             self.file.flush()
         self.records.append(record)
         for name in ["loss", *losses]:
-            self.running[name] = record[name] if name not in self.running else 0.95 * self.running[name] + 0.05 * record[name]
-        self.bar.set_postfix({name.replace("loss_", ""): f"{value:.3f}" for name, value in self.running.items()}, refresh=False)
+            self.running[name] = (
+                record[name] if name not in self.running else 0.95 * self.running[name] + 0.05 * record[name]
+            )
+        self.bar.set_postfix(
+            {name.replace("loss_", ""): f"{value:.3f}" for name, value in self.running.items()}, refresh=False
+        )
         self.bar.update()
         return record
 

@@ -123,7 +123,8 @@ def _describe(value) -> str:
 
 
 def batch_images(images: list[Tensor], size_divisible: int = 32) -> Tensor:
-    """Zero-pad `[3, H_i, W_i]` images at the bottom and right into `[N, 3, H_pad, W_pad]`, multiples of `size_divisible`."""
+    """Zero-pad `[3, H_i, W_i]` images at the bottom and right into `[N, 3, H_pad, W_pad]`, multiples of
+    `size_divisible`."""
     height = int(math.ceil(max(image.shape[1] for image in images) / size_divisible) * size_divisible)
     width = int(math.ceil(max(image.shape[2] for image in images) / size_divisible) * size_divisible)
     batch = images[0].new_zeros(len(images), 3, height, width)  # [N, 3, H_pad, W_pad]
@@ -205,7 +206,8 @@ class ImageTransform(nn.Module):
         target["boxes"] = resize_boxes(target["boxes"], (height, width), new_size)
         if "masks" in target:
             masks = target["masks"][:, None].float()  # [G, 1, h, w]
-            target["masks"] = F.interpolate(masks, scale_factor=scale, recompute_scale_factor=True)[:, 0].byte()  # [G, h', w']
+            masks = F.interpolate(masks, scale_factor=scale, recompute_scale_factor=True)  # [G, 1, h', w']
+            target["masks"] = masks[:, 0].byte()  # [G, h', w']
         if "keypoints" in target:
             target["keypoints"] = resize_keypoints(target["keypoints"], (height, width), new_size)
         return image, target

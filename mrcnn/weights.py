@@ -241,7 +241,9 @@ def our_keys(state_dict: StateDict, model: MaskRCNN) -> tuple[str, StateDict]:
                      "nor an ImageNet ResNet state dict)")  # fmt: skip
 
 
-def load_pretrained(model: MaskRCNN, path_or_state_dict: str | os.PathLike | StateDict, verbose: bool = True) -> PretrainedReport:
+def load_pretrained(
+    model: MaskRCNN, path_or_state_dict: str | os.PathLike | StateDict, verbose: bool = True
+) -> PretrainedReport:
     """Load pretrained weights into `model`, whatever its number of classes: the fine-tuning recipe.
 
     Reads a checkpoint of ours, a torchvision `maskrcnn_resnet50_fpn` (or `keypointrcnn_resnet50_fpn`)
@@ -269,12 +271,13 @@ def load_pretrained(model: MaskRCNN, path_or_state_dict: str | os.PathLike | Sta
         elif key.startswith(CLASS_SPECIFIC):
             reinitialised.append(key)
         else:
-            raise ValueError(f"{source}: {key} is {tuple(value.shape)} in the file but {tuple(expected[key].shape)} in the "
-                             f"model: weights of another architecture ({kind})")  # fmt: skip
+            raise ValueError(f"{source}: {key} is {tuple(value.shape)} in the file but {tuple(expected[key].shape)} "
+                             f"in the model: weights of another architecture ({kind})")  # fmt: skip
     if not loaded:
         raise ValueError(f"{source}: no tensor of the file fits this model ({kind})")
     model.load_state_dict(loaded, strict=False)
-    not_in_file = [k for k in expected if k not in loaded and k not in reinitialised and not k.endswith("num_batches_tracked")]
+    not_in_file = [k for k in expected
+                   if k not in loaded and k not in reinitialised and not k.endswith("num_batches_tracked")]  # fmt: skip
     report = PretrainedReport(source, kind, sorted(loaded), sorted(reinitialised), not_in_file, sorted(unused))
     if verbose:
         print(report.summary())
