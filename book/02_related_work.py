@@ -50,7 +50,8 @@ torch.manual_seed(0)
 
 def draw_box(ax, box, color, label=None, style="-", width=2.0):
     x1, y1, x2, y2 = [float(v) for v in box]
-    ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linestyle=style, linewidth=width, label=label))
+    ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linestyle=style,
+                               linewidth=width, label=label))  # fmt: skip
 
 
 # %% [markdown]
@@ -116,7 +117,8 @@ ax.plot(shifts, (width - shifts) / (width + shifts), "k:", label="(w - d) / (w +
 for threshold in (0.5, 0.7):
     d = width * (1 - threshold) / (1 + threshold)
     ax.axhline(threshold, color="gray", linewidth=0.5)
-    ax.annotate(f"IoU {threshold}: d = {d:.1f}% of w", (d, threshold), (d + 10, threshold + 0.08), arrowprops=dict(arrowstyle="->"))
+    ax.annotate(f"IoU {threshold}: d = {d:.1f}% of w", (d, threshold), (d + 10, threshold + 0.08),
+                arrowprops=dict(arrowstyle="->"))  # fmt: skip
 ax.set_xlabel("horizontal shift d (% of the width)")
 ax.set_ylabel("IoU")
 ax.legend()
@@ -141,7 +143,8 @@ show_source(box_iou)
 # %%
 gt_boxes = torch.tensor([[10.0, 10.0, 50.0, 50.0], [60.0, 20.0, 100.0, 80.0]])  # [G, 4]
 proposals = torch.tensor(
-    [[12.0, 12.0, 50.0, 52.0], [20.0, 20.0, 60.0, 60.0], [0.0, 60.0, 30.0, 90.0], [62.0, 30.0, 98.0, 80.0], [40.0, 10.0, 80.0, 50.0], [55.0, 15.0, 95.0, 70.0]]
+    [[12.0, 12.0, 50.0, 52.0], [20.0, 20.0, 60.0, 60.0], [0.0, 60.0, 30.0, 90.0],
+     [62.0, 30.0, 98.0, 80.0], [40.0, 10.0, 80.0, 50.0], [55.0, 15.0, 95.0, 70.0]]
 )  # [R, 4]
 iou = box_iou(gt_boxes, proposals)  # [G, R]
 print("IoU with each ground-truth box:\n", iou.round(decimals=2))
@@ -171,7 +174,18 @@ ground_truth = torch.tensor([[45.0, 30.0, 135.0, 100.0]])  # [1, 4]: 90 x 70
 deltas = coder.encode(ground_truth, proposal)  # [1, 4]
 print("t = (t_x, t_y, t_w, t_h) =", [round(v, 4) for v in deltas[0].tolist()])
 print("decode(t, P) =", coder.decode(deltas, proposal)[0, 0].tolist(), " G =", ground_truth[0].tolist())
-print("the same move, everything 4x larger: t =", [round(v, 4) for v in coder.encode(4 * ground_truth, 4 * proposal)[0].tolist()])
+larger = coder.encode(4 * ground_truth, 4 * proposal)  # [1, 4]
+print("the same move, everything 4x larger: t =", [round(v, 4) for v in larger[0].tolist()])
+
+# %% [markdown]
+# `encode` is the four formulas, one line each. It first turns both sets of corners into
+# centres and sizes ($P_x, P_y, P_w, P_h$ and $G_x, G_y, G_w, G_h$); each $t$ is then
+# multiplied by its weight, $(w_x, w_y, w_w, w_h)$ = `BoxCoder(weights)`: all 1 by default and
+# for the RPN, $(10, 10, 5, 5)$ for the box head. The reference boxes (here $G$) come first, the
+# boxes they are measured from (here $P$) second, one of each per row.
+
+# %%
+show_source(BoxCoder.encode)
 
 # %% [markdown]
 # Scaling $t$ moves the decoded box part of the way: the figure decodes a quarter, a half and
@@ -200,8 +214,17 @@ plt.show()
 
 # %%
 wild = coder.decode(torch.tensor([[0.0, 0.0, 100.0, 100.0]]), proposal)[0, 0]  # t_w = t_h = 100
-print(f"t_w = 100 decodes to a width of {(wild[2] - wild[0]).item():.0f} = 62.5 x {(proposal[0, 2] - proposal[0, 0]).item():.0f}, not e^100 x 80")
-show_source(BoxCoder)
+print(f"t_w = 100 decodes to a width of {(wild[2] - wild[0]).item():.0f} "
+      f"= 62.5 x {(proposal[0, 2] - proposal[0, 0]).item():.0f}, not e^100 x 80")
+
+# %% [markdown]
+# `decode` runs the formulas backwards. It takes $k$ sets of deltas per reference box,
+# `[B, 4k]`, and returns `[B, k, 4]`: the box head predicts one $t$ per class and decodes them
+# all at once. It divides the weights back out, clamps $t_w$ and $t_h$ as just seen, computes
+# the centre $G_x = t_x P_w + P_x$ and size $G_w = e^{t_w} P_w$, and returns to corners.
+
+# %%
+show_source(BoxCoder.decode)
 
 # %% [markdown]
 # ## Non-maximum suppression
@@ -213,7 +236,8 @@ show_source(BoxCoder)
 # (IoU 0.5, within each class).
 
 # %%
-objects = torch.tensor([[40.0, 30.0, 120.0, 110.0], [80.0, 50.0, 180.0, 130.0], [210.0, 20.0, 260.0, 70.0]])  # the first two overlap (IoU 0.2)
+# the first two overlap (IoU 0.2)
+objects = torch.tensor([[40.0, 30.0, 120.0, 110.0], [80.0, 50.0, 180.0, 130.0], [210.0, 20.0, 260.0, 70.0]])
 jitter = torch.randn(3, 8, 4) * torch.tensor([6.0, 6.0, 6.0, 6.0])  # 8 noisy detections per object
 candidates = (objects[:, None, :] + jitter).reshape(-1, 4)  # [24, 4]
 quality = box_iou(candidates, objects).max(dim=1).values  # [24]: how good each candidate is
@@ -221,7 +245,9 @@ scores = (quality + 0.1 * torch.rand(24)).clamp(max=1.0)  # a score that mostly 
 keep = nms(candidates, scores, iou_threshold=0.5)
 
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-for ax, chosen, title in ((axes[0], range(len(candidates)), f"before NMS: {len(candidates)} boxes (colour: score)"), (axes[1], keep.tolist(), f"after NMS (IoU > 0.5): {len(keep)} boxes")):
+panels = ((axes[0], range(len(candidates)), f"before NMS: {len(candidates)} boxes (colour: score)"),
+          (axes[1], keep.tolist(), f"after NMS (IoU > 0.5): {len(keep)} boxes"))  # fmt: skip
+for ax, chosen, title in panels:
     for i in chosen:
         draw_box(ax, candidates[i], plt.cm.viridis(scores[i].item()), width=1.5)
     for obj in objects:
@@ -242,14 +268,40 @@ for threshold in (0.1, 0.3, 0.5, 0.7, 0.9):
     print(f"IoU threshold {threshold}: {len(nms(candidates, scores, threshold)):2d} boxes kept")
 
 # %% [markdown]
-# The library's NMS computes the IoU of all pairs once (in blocks, to bound memory), then
-# makes one greedy pass in score order. Its semantics are torchvision's to the letter: a box is
-# suppressed only when IoU is *strictly* above the threshold, equal scores keep the lower index
-# first, and the comparison is done in double precision, like torchvision's C++ kernel.
-# `batched_nms` runs NMS within each category (class or FPN level) and never across.
+# The library's `nms` keeps exactly the boxes torchvision keeps: a box is suppressed only when
+# IoU is *strictly* above the threshold, equal scores keep the lower index first, and the
+# comparison is made as torchvision's C++ kernel makes it, in double precision. Its docstring
+# states the greedy rule as a triangular system and the plan for solving it; the code comes in
+# two pieces. The first ranks the boxes by score and prepares the threshold:
 
 # %%
-show_source(nms, batched_nms)
+show_source(nms, stop="threshold_low = float(")
+
+# %% [markdown]
+# The sort is stable, which is what keeps the lower index first among equal scores. The
+# threshold lines spare a conversion: torchvision computes the IoU in the boxes' dtype and
+# compares it with the threshold $t$ as a double; such an IoU is above $t$ exactly when it is
+# above $t'$, the largest value of its dtype not above $t$, so the IoUs are compared with $t'$
+# as they are.
+#
+# The second piece is the greedy pass itself, a block of `block_size` boxes (256) at a time.
+# Inside a block, step 1 repeats $\text{keep}_j \leftarrow \neg \exists i < j:
+# \text{keep}_i \wedge S_{ij}$ until nothing changes, which is the greedy answer; step 2 lets
+# the block's kept boxes drop the later boxes they overlap. IoUs are computed only for boxes
+# still alive, so a crowd of overlapping proposals, mostly dropped by the first blocks, costs
+# little:
+
+# %%
+show_source(nms, start="alive = torch.ones")
+
+# %% [markdown]
+# `batched_nms` runs NMS within each category (class or FPN level) and never across. For few
+# boxes it shifts each category into its own stretch of the plane, where no box of another
+# category can overlap it, and runs one NMS; for many it runs one NMS per category, as
+# torchvision chooses, so that the two agree bit for bit.
+
+# %%
+show_source(batched_nms)
 
 # %% [markdown]
 # ## RoIPool, and why its rounding matters
@@ -270,7 +322,8 @@ show_source(nms, batched_nms)
 stride = 16
 features = torch.arange(12, dtype=torch.float32).repeat(12, 1)[None, None]  # [N=1, C=1, 12, 12]: F[y, x] = x
 offsets = torch.arange(0, 49, dtype=torch.float32)  # slide the RoI by 0..48 image pixels
-rois = torch.stack([torch.zeros_like(offsets), 8 + offsets, torch.full_like(offsets, 8.0), 72 + offsets, torch.full_like(offsets, 72.0)], dim=1)  # [R, 5]
+rois = torch.stack([torch.zeros_like(offsets), 8 + offsets, torch.full_like(offsets, 8.0), 72 + offsets,
+                    torch.full_like(offsets, 72.0)], dim=1)  # [R, 5]
 pooled_max = roi_pool(features, rois, output_size=2, spatial_scale=1 / stride)  # [R, 1, 2, 2]
 pooled_align = roi_align(features, rois, output_size=2, spatial_scale=1 / stride, sampling_ratio=2, aligned=True)
 

@@ -143,7 +143,8 @@ for name, model in models.items():
     fpn_flops[name] = 0
     if model.fpn is not None:
         pyramid, fpn_flops[name] = flops(model.fpn, trunk)  # [P2, ..., P6]
-        print(f"  FPN ({fpn_flops[name] / 1e9:.0f} GFLOPs): " + ", ".join(f"P{i + 2} {shape(p)}" for i, p in enumerate(pyramid)))
+        print(f"  FPN ({fpn_flops[name] / 1e9:.0f} GFLOPs): "
+              + ", ".join(f"P{i + 2} {shape(p)}" for i, p in enumerate(pyramid)))  # fmt: skip
 
 # %% [markdown]
 # For this image C5 is $2048 \times 25 \times 38$. (A C5 of "32x32x2048", a size easily taken for the rule,
@@ -181,7 +182,8 @@ for name, model in models.items():
     A = model.rpn.anchor_generator.num_anchors_per_location()[0]
     print(f"{name}: box  {shape(box_features):>14} -> head {shape(box_hidden):>12} -> classes {shape(class_logits)}, "
           f"deltas {shape(box_deltas)}")
-    print(f"{name}: mask {shape(mask_features):>14} -> head {shape(mask_hidden):>12} -> mask logits {shape(mask_logits)}")
+    print(f"{name}: mask {shape(mask_features):>14} -> head {shape(mask_hidden):>12} "
+          f"-> mask logits {shape(mask_logits)}")
     print(f"{name}: RPN head on {len(rpn_maps)} map(s), A = {A} anchors per position, "
           f"{sum(f.shape[-2] * f.shape[-1] for f in rpn_maps) * A:,} anchors")
     parameters = {
@@ -207,7 +209,8 @@ for name, model in models.items():
 print(f"\n{'':10s}" + "".join(f"{name + ' params':>14s}{name + ' GFLOPs':>14s}" for name in rows))
 for part in rows["C4"][0]:
     print(f"{part:10s}" + "".join(f"{rows[n][0][part] / 1e6:13.1f}M{rows[n][1][part] / 1e9:14.0f}" for n in rows))
-print(f"{'total':10s}" + "".join(f"{sum(rows[n][0].values()) / 1e6:13.1f}M{sum(rows[n][1].values()) / 1e9:14.0f}" for n in rows))
+print(f"{'total':10s}"
+      + "".join(f"{sum(rows[n][0].values()) / 1e6:13.1f}M{sum(rows[n][1].values()) / 1e9:14.0f}" for n in rows))
 print("\nbox head per RoI: " + ", ".join(f"{n} {box_head_per_roi[n] / 1e9:.3f} GFLOPs" for n in rows)
       + f"; C4's is {box_head_per_roi['C4'] / box_head_per_roi['FPN']:.0f} times FPN's")
 print(f"C4: the box head on its {models['C4'].config.rpn_post_nms_top_n_test} proposals costs "
@@ -228,15 +231,17 @@ print(f"C4: the box head on its {models['C4'].config.rpn_post_nms_top_n_test} pr
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
 parts = list(rows["C4"][0])
 colours = plt.cm.tab10.colors
-for ax, (index, unit, scale, title) in zip(axes, [(0, "M", 1e6, "parameters (millions)"),
-                                                   (1, "G", 1e9, "GFLOPs, one 800 x 1216 image (300 / 1000 RoIs, 100 masks)")]):  # fmt: skip
+panels = [(0, "M", 1e6, "parameters (millions)"),
+          (1, "G", 1e9, "GFLOPs, one 800 x 1216 image (300 / 1000 RoIs, 100 masks)")]  # fmt: skip
+for ax, (index, unit, scale, title) in zip(axes, panels):
     left = {name: 0.0 for name in rows}
     for colour, part in zip(colours, parts):
         values = [rows[name][index][part] / scale for name in rows]
         ax.barh(list(rows), values, left=[left[n] for n in rows], color=colour, label=part)
         for y, (name, value) in enumerate(zip(rows, values)):
             if value > 0.06 * max(sum(v / scale for v in rows[n][index].values()) for n in rows):
-                ax.text(left[name] + value / 2, y, f"{value:.0f}{unit}", ha="center", va="center", fontsize=8, color="white")
+                ax.text(left[name] + value / 2, y, f"{value:.0f}{unit}", ha="center", va="center", fontsize=8,
+                        color="white")  # fmt: skip
             left[name] += value
     ax.set_title(title)
     ax.invert_yaxis()
@@ -330,7 +335,8 @@ plt.show()
 with torch.device("meta"):
     c5 = MaskRCNN(torchvision_maskrcnn_resnet50_fpn(81).replace(architecture="c5")).eval()
     c5_features, c5_roi_features = c5.feature_maps(image)
-print(f"C5 model: RPN and RoIs read {len(c5_features)} map {shape(c5_features[0])} (stride {800 // c5_features[0].shape[-2]}); "
+print(f"C5 model: RPN and RoIs read {len(c5_features)} map {shape(c5_features[0])} "
+      f"(stride {800 // c5_features[0].shape[-2]}); "
       f"box head fc6 {tuple(c5.box_branch.head.fc6.weight.shape)}; "
       f"{sum(p.numel() for p in c5.parameters()) / 1e6:.1f} M parameters")
 
@@ -339,10 +345,36 @@ print(f"C5 model: RPN and RoIs read {len(c5_features)} map {shape(c5_features[0]
 #
 # `MaskRCNN.__init__` reads the config top to bottom and calls constructors: no registry, no
 # string-to-class table. The architecture decides the maps, the anchors per level and the heads;
-# the pooler of every branch comes from `roi_pooler` (Table 2c); the rest is shared.
+# the pooler of every branch comes from `roi_pooler` (Table 2c); the rest is shared. In the order
+# of the code below, it builds:
+#
+# 1. `transform`, the `ImageTransform` that resizes the images (`min_size`, `max_size`),
+#    normalizes them and pads the batch to a multiple of `size_divisible`;
+# 2. `backbone`, the trunk of `build_backbone` above (with `fast_convolutions`, its frozen batch
+#    norms are folded into the convolutions before them);
+# 3. the maps and the anchors: for FPN, the `FeaturePyramidNetwork`, RoIs pooled from P2..P5 and
+#    one anchor size per level P2..P6; for C4 and C5, the trunk's last map for both, with every
+#    anchor size on it;
+# 4. `rpn`, the `RegionProposalNetwork`: an `AnchorGenerator`, an `RPNHead` on those channels and
+#    the RPN's rules from the config (IoU thresholds, sampling, proposals kept before and after
+#    NMS);
+# 5. the heads, from `c4_heads` for C4 and `fpn_heads` otherwise (both above), and `pooler`, the
+#    one kind of RoI pooler every branch uses;
+# 6. `box_branch`, the `BoxBranch`: pooler, box head and predictor, with its sampling, box coding
+#    and detection rules;
+# 7. `mask_branch` when `config.mask` is set, and `keypoint_branch` when the config has keypoints
+#    (section 5); otherwise they stay `None`.
 
 # %%
-show_source(MaskRCNN.__init__, MaskRCNN.feature_maps)
+show_source(MaskRCNN.__init__)
+
+# %% [markdown]
+# At run time the architecture shows in one method, `feature_maps`: the maps the RPN reads and
+# the maps the RoIs are pooled from. C4 and C5 give the trunk's last map to both; FPN gives the
+# RPN all of P2..P6 and the poolers P2..P5.
+
+# %%
+show_source(MaskRCNN.feature_maps)
 
 # %% [markdown]
 # ## The presets, and what differs between them
@@ -356,12 +388,14 @@ show_source(MaskRCNN.__init__, MaskRCNN.feature_maps)
 defaults = MaskRCNNConfig()
 for name, preset in PRESETS.items():
     config = preset()
-    changed = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(defaults, f.name)}
+    changed = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+               if getattr(config, f.name) != getattr(defaults, f.name)}  # fmt: skip
     print(f"{name}:")
     print("    " + (", ".join(f"{k}={v}" for k, v in changed.items()) or "(the defaults)"))
 for name in ("shapes_small_c4", "shapes_small_c5"):
     config, base = PRESETS[name](), shapes_small()
-    changed = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(base, f.name)}
+    changed = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+               if getattr(config, f.name) != getattr(base, f.name)}  # fmt: skip
     print(f"{name} against shapes_small: " + ", ".join(f"{k}={v}" for k, v in changed.items()))
 
 # %% [markdown]
@@ -427,7 +461,8 @@ for name, model in small.items():
 print(f"(load average {start_load:.1f} when the runs started, {os.getloadavg()[0]:.1f} at the end: a shared machine)")
 
 fig, axes = plt.subplots(1, 3, figsize=(13, 3.3))
-for ax, key, title in zip(axes, ["total", "loss_classifier", "loss_mask"], ["all five losses", "$L_{cls}$", "$L_{mask}$"]):
+panels = zip(axes, ["total", "loss_classifier", "loss_mask"], ["all five losses", "$L_{cls}$", "$L_{mask}$"])
+for ax, key, title in panels:
     for name, steps in history.items():
         ax.plot([sum(h.values()) if key == "total" else h[key] for h in steps], label=name)
     ax.set_title(title)
@@ -465,8 +500,8 @@ for image_size, object_size in [(128, (16, 56)), (512, (64, 224))]:  # the shape
             pasted = paste_masks(targets[:, None], gt_boxes, (image_size, image_size))[:, 0] >= 0.5  # [G, H, W]
             truth = gt_masks.bool()
             ious[m] += ((pasted & truth).sum((1, 2)) / (pasted | truth).sum((1, 2))).tolist()
-    print(f"{image_size} x {image_size} images, objects {object_size[0]} to {object_size[1]} px, {len(ious[7])} objects: "
-          "mean IoU of the pasted target with the true mask")
+    print(f"{image_size} x {image_size} images, objects {object_size[0]} to {object_size[1]} px, "
+          f"{len(ious[7])} objects: mean IoU of the pasted target with the true mask")
     print("    " + ", ".join(f"M = {m}: {sum(v) / len(v):.3f}" for m, v in ious.items()))
 
 fig, axes = plt.subplots(1, 5, figsize=(13, 3.1))

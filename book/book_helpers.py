@@ -54,7 +54,9 @@ def repository_root() -> Path:
     root = Path(__file__).resolve().parents[1]
     missing = [name for name in ("pyproject.toml", "mrcnn/__init__.py", "book") if not (root / name).exists()]
     if missing:
-        raise FileNotFoundError(f"{Path(__file__).name} is not in the book/ folder of a checkout: {root} has no {', '.join(missing)}")
+        raise FileNotFoundError(
+            f"{Path(__file__).name} is not in the book/ folder of a checkout: {root} has no {', '.join(missing)}"
+        )
     return root
 
 
@@ -69,17 +71,41 @@ BOOK_RUNS = repository_root() / "runs" / "book"
 # 500 steps were not enough: the held-out picture of chapter 1 got no detection above 0.5.
 BOOK_TRAINING = {"num_images": 2000, "iterations": 800, "batch_size": 4, "lr": 0.02, "seed": 0}
 
-def source(obj) -> str:
-    """The source code of a function, class or module, dedented."""
-    return textwrap.dedent(inspect.getsource(obj))
+def source(obj, start: str | None = None, stop: str | None = None) -> str:
+    """The source code of a function, class or module, dedented.
+
+    With `start` or `stop`, only a piece of it: from the one line that holds the text `start`
+    (the first line when None) to the first line from there on that holds `stop` (the last line
+    when None). A marker that no line holds, or a `start` that several lines hold, is a
+    `ValueError`: when the code changes, a chapter that shows a piece of it fails instead of
+    showing another piece.
+    """
+    lines = inspect.getsource(obj).splitlines(keepends=True)
+    name = getattr(obj, "__qualname__", getattr(obj, "__name__", repr(obj)))
+    first, last = 0, len(lines) - 1
+    if start is not None:
+        found = [index for index, line in enumerate(lines) if start in line]
+        if len(found) != 1:
+            raise ValueError(f"{len(found)} lines of {name} hold {start!r}; a piece starts at exactly one")
+        first = found[0]
+    if stop is not None:
+        found = [index for index in range(first, len(lines)) if stop in lines[index]]
+        if not found:
+            raise ValueError(f"no line of {name} from {lines[first].strip()!r} on holds {stop!r}")
+        last = found[0]
+    return textwrap.dedent("".join(lines[first : last + 1]))
 
 
-def show_source(*objects) -> None:
+def show_source(*objects, start: str | None = None, stop: str | None = None) -> None:
     """Display the source of each object as a highlighted Python block in a notebook.
 
-    Outside a notebook (plain `python book/chapter.py`) it prints the code instead.
+    `start` and `stop` show a piece of one object (see `source`), for a chapter that walks
+    through a long function a few lines at a time. Outside a notebook (plain
+    `python book/chapter.py`) it prints the code instead.
     """
-    text = "\n\n".join(source(obj) for obj in objects)
+    if (start is not None or stop is not None) and len(objects) != 1:
+        raise ValueError("start and stop choose a piece of one object")
+    text = "\n\n".join(source(obj, start, stop) for obj in objects)
     if get_ipython() is None:
         print(text)
     else:
@@ -118,7 +144,8 @@ def figure_description(figure) -> str:
     title (or its axis labels when it has none). The site uses it as the picture's alt text."""
     parts = [figure._suptitle.get_text()] if figure._suptitle is not None else []  # noqa: SLF001
     for ax in figure.axes:
-        title = " ".join(t.get_text() for t in (ax.title, ax._left_title, ax._right_title) if t.get_text())  # noqa: SLF001
+        titles = (ax.title, ax._left_title, ax._right_title)  # noqa: SLF001
+        title = " ".join(t.get_text() for t in titles if t.get_text())
         if not title and (ax.get_xlabel() or ax.get_ylabel()):
             title = f"{ax.get_ylabel()} against {ax.get_xlabel()}".strip()
         if title and title not in parts:
@@ -159,13 +186,18 @@ def _load(path: Path):
     return model_from_checkpoint(checkpoint, path).eval(), checkpoint["step"]
 
 
-def book_training_settings(iterations: int = BOOK_TRAINING["iterations"], batch_size: int = BOOK_TRAINING["batch_size"],
-                           lr: float = BOOK_TRAINING["lr"], seed: int = BOOK_TRAINING["seed"]) -> TrainSettings:  # fmt: skip
+def book_training_settings(
+    iterations: int = BOOK_TRAINING["iterations"],
+    batch_size: int = BOOK_TRAINING["batch_size"],
+    lr: float = BOOK_TRAINING["lr"],
+    seed: int = BOOK_TRAINING["seed"],
+) -> TrainSettings:
     """The demo's recipe (`DEMO_DEFAULTS`) for `iterations` steps: the paper's schedule with its decay
     at 3/4 of the run, a warm-up of an eighth of the run (at most the demo's), clipping as the demo."""
     warmup = min(DEMO_DEFAULTS["warmup"], max(1, iterations // 8))
     return paper_schedule(batch_size, lr=lr, iterations=iterations, warmup_iterations=warmup,
-                          clip_grad_norm=DEMO_DEFAULTS["clip_grad_norm"], seed=seed, checkpoint_every=iterations)  # fmt: skip
+                          clip_grad_norm=DEMO_DEFAULTS["clip_grad_norm"], seed=seed,
+                          checkpoint_every=iterations)  # fmt: skip
 
 
 def trained_shapes_model(demo_checkpoint: str | os.PathLike | None = None,
