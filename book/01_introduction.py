@@ -83,7 +83,8 @@ class_names = data.category_names  # ("__background__", "circle", "square", "tri
 image, target = data[11]
 print(f"image {tuple(image.shape)} {image.dtype} in [{image.min():.2f}, {image.max():.2f}]")
 for key, value in target.items():
-    print(f"target[{key!r}]: " + (f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else repr(value)))
+    described = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else repr(value)
+    print(f"target[{key!r}]: {described}")
 print("labels:", [class_names[label] for label in target["labels"].tolist()])
 
 
@@ -113,7 +114,8 @@ axes[0].imshow(picture)
 axes[0].set_title("the input", fontsize=10)
 draw_detections(axes[1], image, target, class_names)
 axes[1].set_title("its ground truth: a box, a class and a mask\nper object (drawn by mrcnn.visualize)", fontsize=10)
-axes[2].imshow(paint(picture, [((semantic == c).numpy(), class_colours[c]) for c in semantic.unique().tolist() if c > 0]))
+axes[2].imshow(paint(picture, [((semantic == c).numpy(), class_colours[c])
+                               for c in semantic.unique().tolist() if c > 0]))  # fmt: skip
 axes[2].set_title("semantic segmentation: a class per pixel\n(the two stars are one region)", fontsize=10)
 for c, colour in class_colours.items():
     axes[2].plot([], [], "s", color=colour, label=class_names[c])
@@ -165,7 +167,8 @@ settings = book_training_settings()
 print(f"trained for {settings.iterations} steps of {settings.batch_size} images drawn from "
       f"{BOOK_TRAINING['num_images']:,} generated pictures, lr {settings.lr} after a warm-up of "
       f"{settings.warmup_iterations} steps, divided by 10 at step {settings.decay_steps[0]}")
-print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} million parameters, K = {model.config.num_classes} classes")
+print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} million parameters, "
+      f"K = {model.config.num_classes} classes")
 
 # %% [markdown]
 # ## The pipeline, stage by stage

@@ -80,7 +80,8 @@ def show_image(ax, image, title=""):
 # Our images are small, so here `min_size` is 160.
 
 # %%
-image_np, masks_np, labels_np = render_image(4, seed=0, image_size=(140, 200), min_objects=3, max_objects=4, object_size=(24, 64))
+image_np, masks_np, labels_np = render_image(4, seed=0, image_size=(140, 200), min_objects=3, max_objects=4,
+                                             object_size=(24, 64))  # fmt: skip
 image = image_to_tensor(image_np)  # [3, h, w] float32 in [0, 1]
 target = {"boxes": masks_to_boxes(masks_np), "labels": torch.from_numpy(labels_np), "masks": torch.from_numpy(masks_np)}
 
@@ -94,8 +95,10 @@ show_image(axes[0], image, f"the image, {image.shape[1]} x {image.shape[2]}")
 for box in target["boxes"]:
     x1, y1, x2, y2 = box.tolist()
     axes[0].add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="white", lw=1.5))
-show_image(axes[1], batch[0], f"normalized, resized to {image_sizes[0][0]} x {image_sizes[0][1]}, padded to {batch.shape[2]} x {batch.shape[3]}")
-axes[1].add_patch(Rectangle((-0.5, -0.5), image_sizes[0][1], image_sizes[0][0], fill=False, color="yellow", lw=1.5, ls="--"))
+show_image(axes[1], batch[0], f"normalized, resized to {image_sizes[0][0]} x {image_sizes[0][1]}, "
+                              f"padded to {batch.shape[2]} x {batch.shape[3]}")  # fmt: skip
+axes[1].add_patch(Rectangle((-0.5, -0.5), image_sizes[0][1], image_sizes[0][0], fill=False, color="yellow", lw=1.5,
+                            ls="--"))  # fmt: skip
 plt.tight_layout()
 plt.show()
 
@@ -167,7 +170,8 @@ for column, (feature, stride) in enumerate(zip(features, paper_backbone.strides)
         axes[0, column].axhline(y - 0.5, color="white", lw=0.4, alpha=0.7)
     energy = feature[0].norm(dim=0)  # [H_i, W_i]: the length of each location's feature vector
     axes[1, column].imshow(energy, cmap="magma")
-    axes[1, column].set_title(f"C{column + 2}: {feature.shape[1]} x {feature.shape[2]} x {feature.shape[3]}", fontsize=9)
+    axes[1, column].set_title(f"C{column + 2}: {feature.shape[1]} x {feature.shape[2]} x {feature.shape[3]}",
+                              fontsize=9)  # fmt: skip
     axes[1, column].axis("off")
 plt.tight_layout()
 plt.show()
@@ -209,7 +213,8 @@ for ax, gradient, name in [(axes[1], c2_gradient, "C2"), (axes[2], p2_gradient, 
     influence = gradient[0].abs().sum(0)  # [H, W]
     ax.imshow(influence > 1e-6 * influence.max(), cmap="gray")
     ax.plot(column * 4, row * 4, "r+", ms=12, mew=2)
-    ax.set_title(f"pixels that move {name}[{row}, {column}]: {(influence > 1e-6 * influence.max()).float().mean():.0%}", fontsize=9)
+    reached = (influence > 1e-6 * influence.max()).float().mean()
+    ax.set_title(f"pixels that move {name}[{row}, {column}]: {reached:.0%}", fontsize=9)
     ax.axis("off")
 plt.tight_layout()
 plt.show()
@@ -248,7 +253,8 @@ anchor_generator = AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * 5)
 anchors = anchor_generator(tuple(batch.shape[-2:]), [level.shape[-2:] for level in pyramid])
 for index, level_anchors in enumerate(anchors):
     grid = pyramid[index].shape[-2:]
-    print(f"P{index + 2}: {grid[0]} x {grid[1]} locations x A = 3 -> {level_anchors.shape[0]:5d} anchors of size {anchor_sizes[index][0]}")
+    print(f"P{index + 2}: {grid[0]} x {grid[1]} locations x A = 3 -> {level_anchors.shape[0]:5d} anchors "
+          f"of size {anchor_sizes[index][0]}")
 print("all levels:", sum(a.shape[0] for a in anchors), "anchors for one", batch.shape[2], "x", batch.shape[3], "image")
 
 colours = ["tab:cyan", "tab:green", "tab:orange", "tab:red", "tab:purple"]
@@ -356,7 +362,8 @@ for step in range(40):
     sum(losses.values()).backward()
     optimizer.step()
     history.append({name: value.item() for name, value in losses.items()})
-print(f"40 steps in {time.perf_counter() - start:.1f} s; last losses:", {k: round(v, 4) for k, v in history[-1].items()})
+print(f"40 steps in {time.perf_counter() - start:.1f} s; last losses:",
+      {k: round(v, 4) for k, v in history[-1].items()})  # fmt: skip
 backbone.eval(), fpn.eval(), rpn.eval()
 maps_after = objectness_maps()
 
@@ -381,7 +388,8 @@ for row, (maps, when) in enumerate([(maps_before, "before"), (maps_after, "after
     show_image(axes[row, 0], batch[0], f"{when} training")
     for index, level_map in enumerate(maps):
         axes[row, index + 1].imshow(level_map, cmap="viridis", vmin=0, vmax=1)
-        axes[row, index + 1].set_title(f"P{index + 2} (anchors {anchor_sizes[index][0]}): max {level_map.max():.2f}", fontsize=9)
+        axes[row, index + 1].set_title(f"P{index + 2} (anchors {anchor_sizes[index][0]}): max {level_map.max():.2f}",
+                                       fontsize=9)  # fmt: skip
         axes[row, index + 1].axis("off")
 plt.tight_layout()
 plt.show()
@@ -406,7 +414,8 @@ print("IoU of each ground-truth box with its best of the first 8 proposals:",
       [round(v, 2) for v in box_iou(resized_target["boxes"], after_nms).max(dim=1).values.tolist()])
 
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-for ax, boxes, title in [(axes[0], before_nms, "top 40 anchors, decoded, before NMS"), (axes[1], after_nms, "first 8 proposals after NMS")]:
+for ax, boxes, title in [(axes[0], before_nms, "top 40 anchors, decoded, before NMS"),
+                         (axes[1], after_nms, "first 8 proposals after NMS")]:  # fmt: skip
     show_image(ax, batch[0], title)
     for box in boxes:
         x1, y1, x2, y2 = box.tolist()

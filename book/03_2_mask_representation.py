@@ -83,7 +83,8 @@ targets = torch.tensor([[[1.0, 0.0], [1.0, 1.0]], [[0.0, 0.0], [0.0, 1.0]]])  # 
 loss = mask_loss(mask_logits, labels, targets)
 loss.backward()
 print(f"L_mask = {loss.item():.4f}")
-print("channels with a nonzero gradient, per RoI:", [mask_logits.grad[r].flatten(1).any(1).nonzero().flatten().tolist() for r in range(2)])
+print("channels with a nonzero gradient, per RoI:",
+      [mask_logits.grad[r].flatten(1).any(1).nonzero().flatten().tolist() for r in range(2)])  # fmt: skip
 x = mask_logits[0, 2].detach()
 print("gradient of RoI 0, channel 2:", mask_logits.grad[0, 2].flatten().tolist())
 print("(sigmoid(x) - t) / (R M^2):  ", ((torch.sigmoid(x) - targets[0]) / 8).flatten().tolist())
@@ -323,7 +324,8 @@ for name, step in (("full conv + loss", full_predictor), ("gathered conv + loss"
         start = time.perf_counter()
         step().backward()
         times.append(time.perf_counter() - start)
-    print(f"{name:>22}: loss {step().item():.6f}, forward + backward {1e3 * min(times):6.1f} ms (R={num_rois}, K={num_classes})")
+    print(f"{name:>22}: loss {step().item():.6f}, forward + backward {1e3 * min(times):6.1f} ms "
+          f"(R={num_rois}, K={num_classes})")
 
 # %% [markdown]
 # Same loss, a fraction of the time. `benchmarks/mask_loss.py` measures both this and the loss

@@ -97,10 +97,12 @@ with torch.no_grad():  # the mask logits of the ground-truth boxes, in training 
     features, _ = model.feature_maps(batch)
     boxes, labels = resized_targets[0]["boxes"], resized_targets[0]["labels"]  # [G, 4], [G]
     own_logits = model.mask_branch.mask_logits(features[:4], [boxes])[torch.arange(len(boxes)), labels]  # [G, M, M]
-    mask_targets = model.mask_branch.mask_targets(resized_targets, [boxes], [torch.arange(len(boxes))], own_logits.shape[-1])
+    mask_targets = model.mask_branch.mask_targets(resized_targets, [boxes], [torch.arange(len(boxes))],
+                                                  own_logits.shape[-1])  # fmt: skip
 print(f"initial mask logits of the {len(boxes)} objects: mean {own_logits.mean():.2f}, std {own_logits.std():.2f}, "
       f"mean |z| {own_logits.abs().mean():.2f}")
-print(f"their binary cross-entropy: {torch.nn.functional.binary_cross_entropy_with_logits(own_logits, mask_targets):.3f} "
+cross_entropy = torch.nn.functional.binary_cross_entropy_with_logits(own_logits, mask_targets)
+print(f"their binary cross-entropy: {cross_entropy:.3f} "
       f"nats a pixel (the loss above); with every logit 0: log 2 = {math.log(2):.3f}")
 
 # %% [markdown]
@@ -161,7 +163,8 @@ training_samples_figure(model, image, target)
 for rank in (0, 1):
     shard = list(GlobalBatchSampler(num_images=10, batch_size=4, seed=0, iterations=3, rank=rank, world_size=2))
     print(f"rank {rank}: " + "  ".join(str([index for (_, _, _, index) in step]) for step in shard))
-print("one process:", "  ".join(str([key[3] for key in step]) for step in GlobalBatchSampler(10, 4, seed=0, iterations=3)))
+print("one process:",
+      "  ".join(str([key[3] for key in step]) for step in GlobalBatchSampler(10, 4, seed=0, iterations=3)))  # fmt: skip
 print("sampler seed of image 1 of step 2:", sampling_seed(seed=0, step=2, position=1))
 
 # %%
@@ -244,10 +247,12 @@ small_pictures = {"image_size": 64, "object_size": (16, 40), "max_objects": 2}
 run_dir = Path(tempfile.mkdtemp(prefix="training_chapter_"))
 torch.manual_seed(0)
 small_model = MaskRCNN(tiny)
-settings = TrainSettings(iterations=60, batch_size=2, lr=0.01, decay_steps=(50,), warmup_iterations=5, checkpoint_every=30)
+settings = TrainSettings(iterations=60, batch_size=2, lr=0.01, decay_steps=(50,), warmup_iterations=5,
+                         checkpoint_every=30)  # fmt: skip
 started = time.perf_counter()
 summary = train(small_model, ShapesDataset(32, **small_pictures), settings, run_dir / "run", progress=False)
-print(f"{summary['steps']} steps in {time.perf_counter() - started:.1f} s ({summary['images_per_second']:.1f} images/s)")
+print(f"{summary['steps']} steps in {time.perf_counter() - started:.1f} s "
+      f"({summary['images_per_second']:.1f} images/s)")
 loss_curve_figure(read_log(run_dir / "run" / "log.jsonl"), smoothing=8)
 
 # %% [markdown]
@@ -296,7 +301,8 @@ for name, weights in (("before the run", untrained), ("after 60 steps", small_mo
 
 # %%
 print(f"the demo: {DEMO_DEFAULTS['iterations']:,} steps of {DEMO_DEFAULTS['batch_size']} images "
-      f"from {DEMO_DEFAULTS['num_train']:,} pictures of {shapes_small().min_size} pixels (mrcnn/demo.py, DEMO_DEFAULTS); "
+      f"from {DEMO_DEFAULTS['num_train']:,} pictures of {shapes_small().min_size} pixels "
+      "(mrcnn/demo.py, DEMO_DEFAULTS); "
       f"this run: {settings.iterations} steps of {settings.batch_size} from 32 pictures of {tiny.min_size} pixels")
 
 # %% [markdown]
@@ -322,7 +328,8 @@ pictures = ShapesDataset(8, **small_pictures)
 torch.manual_seed(0)
 train(MaskRCNN(tiny), pictures, short, run_dir / "whole", progress=False)
 torch.manual_seed(0)  # the same run, stopped after its checkpoint of step 3 ...
-train(MaskRCNN(tiny), pictures, TrainSettings(**{**short.__dict__, "iterations": 3}), run_dir / "resumed", progress=False)
+train(MaskRCNN(tiny), pictures, TrainSettings(**{**short.__dict__, "iterations": 3}), run_dir / "resumed",
+      progress=False)  # fmt: skip
 torch.manual_seed(1)  # ... and continued by a new process, from other random weights that the checkpoint replaces
 train(MaskRCNN(tiny), pictures, short, run_dir / "resumed", resume=True, progress=False)
 for whole, resumed in zip(read_log(run_dir / "whole" / "log.jsonl"), read_log(run_dir / "resumed" / "log.jsonl")):

@@ -77,7 +77,9 @@ truth, shifted = disc(30, 32, 14), disc(34, 32, 14)
 square = np.zeros((64, 64), np.uint8)
 square[18:47, 16:45] = 1  # the disc's own bounding box, filled
 rle = lambda m: mask_utils.encode(np.asfortranarray(m))  # noqa: E731
-box = lambda m: torch.tensor([[xx[m > 0].min(), yy[m > 0].min(), xx[m > 0].max() + 1, yy[m > 0].max() + 1]], dtype=torch.float32)  # noqa: E731
+box = lambda m: torch.tensor(  # noqa: E731
+    [[xx[m > 0].min(), yy[m > 0].min(), xx[m > 0].max() + 1, yy[m > 0].max() + 1]], dtype=torch.float32
+)
 
 figure, axes = plt.subplots(1, 2, figsize=(7, 3.4), layout="constrained")
 for panel, (name, prediction) in zip(axes, (("disc shifted by 4 px", shifted), ("the disc's box, filled", square))):
@@ -137,12 +139,14 @@ ground_truth.dataset = {
     "images": [{"id": 1, "height": 64, "width": 64}],
     "categories": [{"id": 1, "name": "disc"}],
     "annotations": [{"id": g + 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": float(o.sum()),
-                     "bbox": mask_utils.toBbox(rle(o)).tolist(), "segmentation": rle(o)} for g, o in enumerate(objects)],
+                     "bbox": mask_utils.toBbox(rle(o)).tolist(), "segmentation": rle(o)}
+                    for g, o in enumerate(objects)],
 }
 with contextlib.redirect_stdout(io.StringIO()):
     ground_truth.createIndex()
 detections = {"boxes": torch.cat([box(p) for p in predictions]), "labels": torch.ones(5, dtype=torch.int64),
-              "scores": torch.tensor(scores), "masks": torch.stack([torch.from_numpy(p).float()[None] for p in predictions])}
+              "scores": torch.tensor(scores),
+              "masks": torch.stack([torch.from_numpy(p).float()[None] for p in predictions])}
 results = detections_to_coco_results([detections], [1], {1: 1})
 metrics = coco_evaluate(ground_truth, results, iou_types=("segm",), verbose=False)["segm"]
 for t, name in ((0.5, "AP50"), (0.75, "AP75")):
@@ -219,14 +223,16 @@ for iou_type, colour in (("segm", "tab:red"), ("bbox", "tab:blue")):
         evaluator.evaluate(), evaluator.accumulate()
     precision = evaluator.eval["precision"][:, :, :, 0, -1]  # [T, 101, K]: all areas, 100 detections
     per_threshold = [p[p > -1].mean() if (p > -1).any() else 0.0 for p in precision]
-    axes[0].plot(evaluator.params.iouThrs, per_threshold, "o-", color=colour, label="mask" if iou_type == "segm" else "box")
+    axes[0].plot(evaluator.params.iouThrs, per_threshold, "o-", color=colour,
+                 label="mask" if iou_type == "segm" else "box")  # fmt: skip
     for t, style in ((0, "-"), (5, "--")):
         curve = precision[t].copy()  # [101, K]
         curve[curve < 0] = np.nan
         axes[1].plot(evaluator.params.recThrs, np.nanmean(curve, axis=1), style, color=colour,
                      label=f"{'mask' if iou_type == 'segm' else 'box'}, t = {evaluator.params.iouThrs[t]:.2f}")
 axes[0].set(xlabel="IoU threshold t", ylabel="AP_t", title="AP at each threshold (AP is their mean)", ylim=(0, 1))
-axes[1].set(xlabel="recall", ylabel="interpolated precision", title="precision-recall, mean over the classes", ylim=(0, 1.02))
+axes[1].set(xlabel="recall", ylabel="interpolated precision", title="precision-recall, mean over the classes",
+            ylim=(0, 1.02))  # fmt: skip
 for panel in axes:
     panel.legend(fontsize=8)
     panel.grid(alpha=0.3)

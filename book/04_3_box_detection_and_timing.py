@@ -185,7 +185,8 @@ if recorded is None:
     print(f"{stages_path.relative_to(ROOT)} is not there yet: run `python benchmarks/stages.py`")
 else:
     print(f"{recorded['command']}: {recorded['device_name']}, torch "
-          f"{recorded['versions']['torch']}, load average {recorded['load_before']} before, {recorded['load_after']} after")
+          f"{recorded['versions']['torch']}, load average {recorded['load_before']} before, "
+          f"{recorded['load_after']} after")
     for run, modes in recorded["runs"].items():
         for mode, result in modes.items():
             print(f"\n{run}, {mode}, {result.get('threads', recorded['threads'])} thread(s): {result['plain_s']:.3f} s "
@@ -250,7 +251,8 @@ if recorded is not None:
             print(f"{run}, {mode}: " + ", ".join(f"{group} {share:.0%}" for group, share in shares.items()))
             if "training" in mode:
                 trained = ("backbone", "FPN", "RPN head", "box RoIAlign", "box head", "mask RoIAlign", "mask head")
-                ratios = {stage: result["stages_s"][stage]["backward"] / result["stages_s"][stage]["forward"] for stage in trained}
+                ratios = {stage: result["stages_s"][stage]["backward"] / result["stages_s"][stage]["forward"]
+                          for stage in trained}  # fmt: skip
                 print("    backward / forward: " + ", ".join(f"{stage} {ratio:.1f}" for stage, ratio in ratios.items()))
 
 # %% [markdown]
@@ -290,7 +292,8 @@ for name in ("inference_cpu.json", "train_step_cpu.json"):
     ratio = result.get("ratio_ours_over_torchvision")
     print(f"{name}: {result['what']}\n  {times}")
     print(f"  ratio ours / torchvision: {ratio:.2f}" if ratio else f"  torchvision: {result['torchvision']}")
-    print(f"  {result['threads']} threads, torch {result['versions']['torch']}, torchvision {result['versions']['torchvision']}, "
+    print(f"  {result['threads']} threads, torch {result['versions']['torch']}, "
+          f"torchvision {result['versions']['torchvision']}, "
           f"load average {result['load_before']} before, {result['load_after']} after")
 
 # %% [markdown]
@@ -336,7 +339,8 @@ for mode, result in live.items():
           + ", ".join(f"{stage} {sum(phases.values()) * 1e3:.1f} ms" for stage, phases in top))
 
 fig, ax = plt.subplots(figsize=(10, 2.4))
-stacked_bars(ax, {mode: result["stages_s"] for mode, result in live.items()}, "shapes_small, measured in this notebook (1 thread)")
+stacked_bars(ax, {mode: result["stages_s"] for mode, result in live.items()},
+             "shapes_small, measured in this notebook (1 thread)")  # fmt: skip
 ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, ncol=2)
 plt.tight_layout()
 plt.show()

@@ -168,8 +168,12 @@ t = torch.tensor([[28 * M + 30]])  # the target pixel of one keypoint of one RoI
 maps = {
     "uniform": torch.zeros(1, 1, M, M),
     "empty (-8 everywhere)": torch.full((1, 1, M, M), -8.0),
-    "peak at the target": torch.full((1, 1, M, M), -8.0).index_put_((torch.tensor([0]), torch.tensor([0]), torch.tensor([28]), torch.tensor([30])), torch.tensor(8.0)),
-    "peak 5 pixels away": torch.full((1, 1, M, M), -8.0).index_put_((torch.tensor([0]), torch.tensor([0]), torch.tensor([28]), torch.tensor([35])), torch.tensor(8.0)),
+    "peak at the target": torch.full((1, 1, M, M), -8.0).index_put_(
+        (torch.tensor([0]), torch.tensor([0]), torch.tensor([28]), torch.tensor([30])), torch.tensor(8.0)
+    ),
+    "peak 5 pixels away": torch.full((1, 1, M, M), -8.0).index_put_(
+        (torch.tensor([0]), torch.tensor([0]), torch.tensor([28]), torch.tensor([35])), torch.tensor(8.0)
+    ),
 }
 one_hot_target = torch.zeros(1, 1, M, M)
 one_hot_target.view(-1)[t.item()] = 1
@@ -300,7 +304,9 @@ features_net = torch.nn.Sequential(
 )
 with torch.no_grad():
     features = [features_net(images)]  # one level, stride 4: [4, 32, 32, 32]
-branch = KeypointBranch(MultiLevelRoIAlign(14, (4,)), KeypointHead(32, (32,) * 4), KeypointPredictor(32, len(KEYPOINT_NAMES)))
+branch = KeypointBranch(
+    MultiLevelRoIAlign(14, (4,)), KeypointHead(32, (32,) * 4), KeypointPredictor(32, len(KEYPOINT_NAMES))
+)
 optimizer = torch.optim.Adam(branch.parameters(), lr=3e-3)
 losses = []
 for step in range(150):
@@ -361,7 +367,8 @@ area = 600.0
 fig, ax = plt.subplots(figsize=(7, 3))
 for name in ("neck", "left_hand", "pelvis"):
     k = 2 * SIGMAS[KEYPOINT_NAMES.index(name)]
-    ax.plot(distance, np.exp(-(distance**2) / (2 * area * k**2)), label=f"{name} (sigma {SIGMAS[KEYPOINT_NAMES.index(name)]})")
+    ax.plot(distance, np.exp(-(distance**2) / (2 * area * k**2)),
+            label=f"{name} (sigma {SIGMAS[KEYPOINT_NAMES.index(name)]})")  # fmt: skip
 for threshold in (0.5, 0.75, 0.95):
     ax.axhline(threshold, color="gray", lw=0.5, ls="--")
 ax.set_xlabel("keypoint error (pixels)")
@@ -395,10 +402,12 @@ if results_path.exists():
     for name, arm in record["arms"].items():
         metrics = arm["metrics"]
         mask_ap = f"{metrics['segm']['AP']:.3f}" if "segm" in metrics else "-"
-        print(f"{name:22s} {metrics['bbox']['AP']:7.3f} {metrics['keypoints']['AP']:7.3f} {metrics['keypoints']['AP50']:8.3f} "
-              f"{metrics['keypoints']['AP75']:8.3f} {mask_ap:>8s} {arm['train_seconds'] / 60:6.0f} min")
+        print(f"{name:22s} {metrics['bbox']['AP']:7.3f} {metrics['keypoints']['AP']:7.3f} "
+              f"{metrics['keypoints']['AP50']:8.3f} {metrics['keypoints']['AP75']:8.3f} {mask_ap:>8s} "
+              f"{arm['train_seconds'] / 60:6.0f} min")
     settings = record["settings"]
-    print(f"\ncommand: {record['command']}\nmachine: {record['machine']['processor']}, {record['machine']['cpu_count']} cores, "
+    print(f"\ncommand: {record['command']}\n"
+          f"machine: {record['machine']['processor']}, {record['machine']['cpu_count']} cores, "
           f"torch {record['machine']['torch']}, {record['machine']['threads_per_arm']} thread(s) per arm")
     print(f"settings: {settings['iterations']} steps of {settings['batch_size']} images, SGD at {settings['lr']}, "
           f"{settings['num_train']} training and {settings['num_val']} held-out pictures, seed {settings['seed']}")
@@ -418,8 +427,9 @@ if record is not None:
                  "not higher, against the direction of the paper's Table 4 (64.2 to 64.7)")
     display(Markdown(
         f"The branch learns keypoints end to end from the detector's own proposals: keypoint AP "
-        f"{alone['AP']:.2f} (AP$_{{50}}$ {alone['AP50']:.2f}) without the mask branch in the recorded run. With the mask "
-        f"branch the keypoint AP was {direction}, by {abs(gain):.1f} points ({alone['AP']:.3f} to {with_masks['AP']:.3f}); "
+        f"{alone['AP']:.2f} (AP$_{{50}}$ {alone['AP50']:.2f}) without the mask branch in the recorded run. "
+        f"With the mask branch the keypoint AP was {direction}, by {abs(gain):.1f} points "
+        f"({alone['AP']:.3f} to {with_masks['AP']:.3f}); "
         f"with a single seed, a gap of this size may be within what another seed would change: one run does not "
         f"settle whether the masks help at this scale."))
 

@@ -136,7 +136,8 @@ def write_coco(root, split: str, count: int, seed: int = 0) -> None:
             rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))  # column-major, as COCO stores masks
             annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": category,
                                 "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-                                "area": float(mask.sum()), "bbox": mask_utils.toBbox(rle).tolist(), "iscrowd": 0})  # fmt: skip
+                                "area": float(mask.sum()), "bbox": mask_utils.toBbox(rle).tolist(),
+                                "iscrowd": 0})  # fmt: skip
     categories = [{"id": i + 1, "name": name} for i, name in enumerate(CLASSES)]
     data = {"images": images, "annotations": annotations, "categories": categories}
     (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
@@ -147,17 +148,19 @@ shutil.rmtree(DATA, ignore_errors=True)
 write_coco(DATA, "train", 60)
 write_coco(DATA, "val", 30)
 annotation = json.loads((DATA / "annotations" / "instances_train.json").read_text())["annotations"][0]
-print(json.dumps({**annotation, "segmentation": {**annotation["segmentation"],
-                                                 "counts": annotation["segmentation"]["counts"][:24] + "..."}}, indent=1))  # fmt: skip
+shortened = {**annotation["segmentation"], "counts": annotation["segmentation"]["counts"][:24] + "..."}
+print(json.dumps({**annotation, "segmentation": shortened}, indent=1))
 
 # %% [markdown]
 # `CocoDataset` reads the folder as it reads COCO itself: it checks the whole file up front and
 # numbers the categories $1 \dots K-1$ in id order, so $K = 3$ here (background, ring, cross).
 
 # %%
-train_set = CocoDataset(DATA / "train", DATA / "annotations" / "instances_train.json", remove_images_without_annotations=True)
+train_set = CocoDataset(DATA / "train", DATA / "annotations" / "instances_train.json",
+                        remove_images_without_annotations=True)  # fmt: skip
 val_set = CocoDataset(DATA / "val", DATA / "annotations" / "instances_val.json")
-print(f"{len(train_set)} training and {len(val_set)} held-out pictures; K = {train_set.num_classes}: {train_set.category_names}")
+print(f"{len(train_set)} training and {len(val_set)} held-out pictures; "
+      f"K = {train_set.num_classes}: {train_set.category_names}")
 fig, axes = plt.subplots(1, 4, figsize=(12, 3.2))
 for ax, index in zip(axes, range(4)):
     image, target = train_set[index]
@@ -251,7 +254,8 @@ summary = train(model, train_set, settings, run_dir, progress=False,
 print(f"{summary['steps']} steps in {summary['seconds']:.0f} s; last loss {summary['final']['loss']:.3f}")
 metrics = evaluate(model, val_set, progress=False)
 print(f"\non the {len(val_set)} held-out pictures: mask AP {100 * metrics['segm']['AP']:.1f}, "
-      f"box AP {100 * metrics['bbox']['AP']:.1f} (AP50: {100 * metrics['segm']['AP50']:.1f}, {100 * metrics['bbox']['AP50']:.1f})")  # fmt: skip
+      f"box AP {100 * metrics['bbox']['AP']:.1f} "
+      f"(AP50: {100 * metrics['segm']['AP50']:.1f}, {100 * metrics['bbox']['AP50']:.1f})")  # fmt: skip
 
 # %% [markdown]
 # The model's detections with a score of at least 0.5 (top) against the ground truth (bottom):
@@ -339,7 +343,8 @@ else:
     ap50 = {arm: transfer["arms"][arm]["by_step"][last]["mask_AP50"]["mean"] for arm in ("fine_tuned", "from_scratch")}
     loss = {arm: np.mean([run["points"][-1]["loss_mean_last_10"] for name, run in transfer["runs"].items()
                           if name.startswith(arm)]) for arm in ("fine_tuned", "from_scratch")}  # fmt: skip
-    print(f"\nafter {last} steps: mask AP50 {ap50['fine_tuned']:.1f} fine-tuned, {ap50['from_scratch']:.1f} from scratch; "
+    print(f"\nafter {last} steps: mask AP50 {ap50['fine_tuned']:.1f} fine-tuned, "
+          f"{ap50['from_scratch']:.1f} from scratch; "
           f"training loss of the last 10 steps {loss['fine_tuned']:.3f} and {loss['from_scratch']:.3f}")  # fmt: skip
     differences = [v for step in steps for metric in ("mask_AP", "box_AP")
                    for v in transfer["fine_tuned_minus_from_scratch"][str(step)][metric]["values"]]  # fmt: skip
@@ -361,7 +366,8 @@ else:
         axes.set_xticks(steps, [str(s) for s in steps])
         axes.set_xlabel(f"fine-tuning steps (batch {transfer['settings']['batch_size']})")
         axes.set_ylabel(f"{title} on held-out figures (%)")
-        axes.set_title(f"{title}: mean ± std over seeds {transfer['settings']['seeds']}, thin lines per seed", fontsize=9)
+        axes.set_title(f"{title}: mean ± std over seeds {transfer['settings']['seeds']}, thin lines per seed",
+                       fontsize=9)  # fmt: skip
         axes.legend()
     plt.tight_layout()
     plt.show()
@@ -400,7 +406,8 @@ else:
 # %%
 pretrain = json.loads((repository_root() / "experiments" / "results" / "transfer.json").read_text())["pretrain"]
 demo = demo_results()["report"]
-print(f"pretrained model: {pretrain['settings']['iterations']} steps, mask AP {100 * pretrain['metrics']['segm']['AP']:.1f} "
+print(f"pretrained model: {pretrain['settings']['iterations']} steps, "
+      f"mask AP {100 * pretrain['metrics']['segm']['AP']:.1f} "
       f"on the shapes; the measured demo: {demo['steps']} steps, mask AP {100 * demo['mask_AP']:.1f}")  # fmt: skip
 
 # %% [markdown]

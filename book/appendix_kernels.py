@@ -103,10 +103,12 @@ _ = torch.manual_seed(0)
 channels, samples = 256, 2 * 2
 pyramid = [(800 // stride, 1344 // stride) for stride in (4, 8, 16, 32)]
 feature_values = 2 * channels * sum(h * w for h, w in pyramid)
-print(f"feature values (2 images, 4 levels): {feature_values / 1e6:.0f} M, {feature_values * 4 / 2**20:.0f} MiB in float32")
+print(f"feature values (2 images, 4 levels): {feature_values / 1e6:.0f} M, "
+      f"{feature_values * 4 / 2**20:.0f} MiB in float32")
 for head, rois, pooled in (("box head", 1024, 7), ("mask head", 256, 14)):
     outputs = rois * channels * pooled * pooled
-    print(f"{head}: {outputs / 1e6:.1f} M outputs, {outputs * samples * 4 / 1e6:.0f} M reads forward, as many atomic adds backward")
+    print(f"{head}: {outputs / 1e6:.1f} M outputs, {outputs * samples * 4 / 1e6:.0f} M reads forward, "
+          "as many atomic adds backward")
 
 # %% [markdown]
 # So the work is memory traffic: gathers forward, scattered additions backward, about 200 M of
@@ -137,7 +139,8 @@ for head, rois, pooled in (("box head", 1024, 7), ("mask head", 256, 14)):
 # same buffer.
 
 # %%
-show_source(geometry_helpers.LaunchGeometry, geometry_helpers.launch_geometry, geometry_helpers.pack, geometry_helpers.unpack)
+show_source(geometry_helpers.LaunchGeometry, geometry_helpers.launch_geometry, geometry_helpers.pack,
+            geometry_helpers.unpack)  # fmt: skip
 
 # %%
 tiny_pyramid = [torch.randn(2, 3, 16 // 2**level, 24 // 2**level) for level in range(3)]  # P2-P4 of a 64 x 96 image
@@ -148,7 +151,8 @@ print("heights", geometry.heights, "widths", geometry.widths, "offsets T_l", geo
 print("packed", tuple(packed.shape), "contiguous:", packed.is_contiguous())
 level, n, c, y, x = 1, 1, 2, 3, 5
 assert packed[n, geometry.offsets[level] + y * geometry.widths[level] + x, c] == tiny_pyramid[level][n, c, y, x]
-assert all(torch.equal(a, b) for a, b in zip(geometry_helpers.unpack(packed, geometry), tiny_pyramid))  # views back, no copy
+# views back, no copy
+assert all(torch.equal(a, b) for a, b in zip(geometry_helpers.unpack(packed, geometry), tiny_pyramid))
 
 # %% [markdown]
 # ### What one program computes
@@ -167,7 +171,8 @@ for dtype in (torch.float32, torch.float16):
     for rois, pooled in ((1024, 7), (256, 14)):
         block_bins, block_c = roi_align_kernels._block_sizes(256, pooled * pooled, torch.finfo(dtype).bits // 8)
         grid = (rois, -(-pooled * pooled // block_bins), -(-256 // block_c))  # ceil divisions
-        print(f"{str(dtype):14} P = {pooled:2}: tile [{block_bins}, {block_c}], grid {grid}, {grid[0] * grid[1] * grid[2]} programs")
+        print(f"{str(dtype):14} P = {pooled:2}: tile [{block_bins}, {block_c}], grid {grid}, "
+              f"{grid[0] * grid[1] * grid[2]} programs")
 
 # %% [markdown]
 # The picture, for one RoI pooled to $7 \times 7$ with `BLOCK_BINS = 8` (float32, $C = 256$):
@@ -190,10 +195,12 @@ def program_grid_figure():
     for p in range(pooled):
         for q in range(pooled):
             block = (p * pooled + q) // block_bins
-            left.add_patch(patches.Rectangle((x1 + q * bin_w, y1 + p * bin_h), bin_w, bin_h, color=colours(block), alpha=0.35, lw=0))
+            left.add_patch(patches.Rectangle((x1 + q * bin_w, y1 + p * bin_h), bin_w, bin_h, color=colours(block),
+                                             alpha=0.35, lw=0))  # fmt: skip
             for i in range(2):
                 for j in range(2):
-                    left.plot(x1 + (q + (j + 0.5) / 2) * bin_w, y1 + (p + (i + 0.5) / 2) * bin_h, ".", color="k", ms=2.5)
+                    left.plot(x1 + (q + (j + 0.5) / 2) * bin_w, y1 + (p + (i + 0.5) / 2) * bin_h, ".", color="k",
+                              ms=2.5)  # fmt: skip
     left.add_patch(patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=2, color="k"))
     for block in range(-(-pooled * pooled // block_bins)):
         left.plot([], [], "s", color=colours(block), alpha=0.6, label=f"t = {block}")
@@ -277,7 +284,8 @@ show_source(roi_align_kernels._launch, roi_align_kernels._RoIAlignFunction)
 
 # %%
 features = torch.randn(2, 5, 9, 11, device=device)
-rois = torch.tensor([[0, 2.0, 3.0, 9.5, 10.0], [1, -4.0, -3.0, 3.0, 5.0], [0, 30.0, 30.0, 36.0, 34.0], [0, 7.0, 7.0, 7.0, 7.0]], device=device)
+rois = torch.tensor([[0, 2.0, 3.0, 9.5, 10.0], [1, -4.0, -3.0, 3.0, 5.0], [0, 30.0, 30.0, 36.0, 34.0],
+                     [0, 7.0, 7.0, 7.0, 7.0]], device=device)  # fmt: skip
 for aligned, sampling_ratio in ((False, 2), (True, -1)):
     grad_output = torch.randn(4, 5, 3, 2, device=device)
     results = []
@@ -299,10 +307,13 @@ for aligned, sampling_ratio in ((False, 2), (True, -1)):
 # %%
 pyramid_maps = [f.to(device) for f in tiny_pyramid]
 strides = (4, 8, 16)
-boxes = torch.tensor([[0, 2.0, 3.0, 20.0, 25.0], [1, 3.0, 5.0, 115.0, 117.0], [0, 1.0, 2.0, 225.0, 226.0], [1, -50.0, -40.0, 900.0, 700.0]], device=device)
-levels = [2, 3, 4, 4]  # FPN's equation: 18 x 22 -> k < 2, clamped to 2; 112 x 112 -> 3; 224 x 224 -> 4; 950 x 740 -> 5, clamped to 4
+boxes = torch.tensor([[0, 2.0, 3.0, 20.0, 25.0], [1, 3.0, 5.0, 115.0, 117.0], [0, 1.0, 2.0, 225.0, 226.0],
+                      [1, -50.0, -40.0, 900.0, 700.0]], device=device)  # fmt: skip
+# FPN's equation: 18 x 22 -> k < 2, clamped to 2; 112 x 112 -> 3; 224 x 224 -> 4; 950 x 740 -> 5, clamped to 4
+levels = [2, 3, 4, 4]
 pooled = multi_level_roi_align(pyramid_maps, boxes, 2, [1 / s for s in strides], 2, False)
-expected = torch.cat([roi_align_reference(pyramid_maps[k - 2], boxes[r : r + 1], 2, 1 / strides[k - 2], 2) for r, k in enumerate(levels)])
+expected = torch.cat([roi_align_reference(pyramid_maps[k - 2], boxes[r : r + 1], 2, 1 / strides[k - 2], 2)
+                      for r, k in enumerate(levels)])  # fmt: skip
 torch.testing.assert_close(pooled, expected)
 print("multi-level: largest difference", (pooled - expected).abs().max().item())
 
@@ -342,7 +353,9 @@ class KernelStandIn:
         self.record = record
 
     def __getitem__(self, grid):
-        return lambda *args, BACKWARD, **meta: self.record.names.append(f"LAUNCH {'backward' if BACKWARD else 'forward'} {grid}")
+        return lambda *args, BACKWARD, **meta: self.record.names.append(
+            f"LAUNCH {'backward' if BACKWARD else 'forward'} {grid}"
+        )
 
 
 real_kernel = roi_align_kernels._roi_align_kernel
@@ -458,7 +471,8 @@ for path in sorted((repository_root() / "benchmarks" / "results").glob("mask_los
     print(f"{path.name}: {result['meta']['device']}, torch {result['meta']['torch']}, {result['meta']['command']}")
     for row in result["rows"]:
         extra = "" if row["peak_extra_mib"] is None else f", peak extra {row['peak_extra_mib']:.1f} MiB"
-        print(f"  {row['what']:<32} R={row['R']:<4} K={row['K']:<3} {row['dtype']:<9} median {row['median_ms']:9.3f} ms{extra}")
+        print(f"  {row['what']:<32} R={row['R']:<4} K={row['K']:<3} {row['dtype']:<9} "
+              f"median {row['median_ms']:9.3f} ms{extra}")
 
 # %% [markdown]
 # ### What to try next with the mask loss
