@@ -97,11 +97,14 @@ def stage_ranges(model: mrcnn.model.MaskRCNN, device: str):
         ("other", model), ("transform", model.transform), ("backbone", model.backbone), ("FPN", model.fpn),
         ("RPN proposals", model.rpn), ("RPN head", model.rpn.head), ("RPN proposals", model.rpn.anchor_generator),
         ("box NMS" if not model.training else "box sampling and loss", model.box_branch),
-        ("box RoIAlign", model.box_branch.pooler), ("box head", model.box_branch.head), ("box head", model.box_branch.predictor),
+        ("box RoIAlign", model.box_branch.pooler), ("box head", model.box_branch.head),
+        ("box head", model.box_branch.predictor),
     ]  # fmt: skip
     calls = [  # (stage, object, attribute): methods of the model's modules and functions of its modules
-        ("RPN proposals", model.rpn, "select_proposals"), ("RPN loss", model.rpn, "assign_targets"), ("RPN loss", model.rpn, "loss"),
-        ("box sampling and loss", mrcnn.box_head, "select_training_rois"), ("box sampling and loss", mrcnn.box_head, "fast_rcnn_loss"),
+        ("RPN proposals", model.rpn, "select_proposals"), ("RPN loss", model.rpn, "assign_targets"),
+        ("RPN loss", model.rpn, "loss"),
+        ("box sampling and loss", mrcnn.box_head, "select_training_rois"),
+        ("box sampling and loss", mrcnn.box_head, "fast_rcnn_loss"),
         ("box NMS", mrcnn.box_head, "postprocess_detections"), ("mask paste", mrcnn.model, "paste_detection_masks"),
     ]  # fmt: skip
     if model.mask_branch is not None:

@@ -49,7 +49,13 @@ if not torch.cuda.is_available():  # Triton's interpreter when there is no GPU, 
 
 import mrcnn.roi_align_cpu as roi_align_cpu  # noqa: E402
 from book_helpers import repository_root, show_source  # noqa: E402
-from mrcnn.roi_align import bilinear_neighbours, roi_align_reference, roi_pool, roi_pool_bins, sampling_grid  # noqa: E402
+from mrcnn.roi_align import (  # noqa: E402
+    bilinear_neighbours,
+    roi_align_reference,
+    roi_pool,
+    roi_pool_bins,
+    sampling_grid,
+)
 from mrcnn.poolers import MultiLevelRoIAlign, fpn_level, roi_align  # noqa: E402
 from mrcnn.visualize import roi_align_figure  # noqa: E402
 

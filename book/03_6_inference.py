@@ -306,7 +306,8 @@ A_y = paste_matrix(torch.tensor([y0]), torch.tensor([y1 - y0 + 1]), original_siz
 A_x = paste_matrix(torch.tensor([x0]), torch.tensor([x1 - x0 + 1]), original_size[1], S, padded.dtype)[0]  # [W, S]
 by_hand = A_y @ padded[0] @ A_x.T  # [H, W]
 pasted = paste_masks(probabilities, boxes_in_image, original_size)  # [D, 1, H, W]
-print(f"box {[round(v, 1) for v in boxes_in_image[d].tolist()]} -> enlarged, whole pixels: columns {x0}..{x1}, rows {y0}..{y1}")
+print(f"box {[round(v, 1) for v in boxes_in_image[d].tolist()]} -> enlarged, whole pixels: "
+      f"columns {x0}..{x1}, rows {y0}..{y1}")
 print(f"A_y {list(A_y.shape)}, A_x {list(A_x.shape)}; A_y mask A_x^T against paste_masks: "
       f"max difference {(by_hand - pasted[d, 0]).abs().max():.1e}")
 inside = A_x[max(x0, 0) : min(x1, original_size[1] - 1) + 1]  # the rows of the image columns inside the box

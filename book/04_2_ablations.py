@@ -148,7 +148,8 @@ def show_table(table):
         cell = lambda key: f"{stats[key]['mean']:.1f} ± {stats[key]['std']:.1f}" if key in stats else "-"  # noqa: E731
         other = "mask" if primary == "box" else "box"
         per_seed = ", ".join(f"{v:.1f}" for v in stats[f"{primary}_AP"]["values"])
-        rows.append(f"| {row['label']} | {cell(primary + '_AP')} | {cell(primary + '_AP50')} | {cell(primary + '_AP75')} "
+        rows.append(f"| {row['label']} | {cell(primary + '_AP')} | {cell(primary + '_AP50')} "
+                    f"| {cell(primary + '_AP75')} "
                     f"| {cell(other + '_AP')} | {per_seed} | {paper_text} |")  # fmt: skip
         for key in READINGS:  # the softmax arm's same models, their masks read the other ways
             if f"{key}_AP" in stats:
@@ -243,7 +244,8 @@ COMPARISONS = [
 
 
 def verdict(a, b, key, claim, key_b=None):
-    """(verdict, paired difference or None) for the paper's claim that arm a is `claim` ("better" or "on par") against b."""
+    """(verdict, paired difference or None) for the paper's claim that arm a is `claim` ("better" or
+    "on par") against b."""
     d = paired_difference(a, b, key, key_b)
     if d is None:
         return "not run", None
@@ -253,7 +255,9 @@ def verdict(a, b, key, claim, key_b=None):
     if min(levels) < FLOOR:
         return "not measurable here", d
     if claim == "on par":
-        return ("reproduced: on par within the seeds" if not beyond else "not reproduced: they differ beyond the seeds"), d
+        if beyond:
+            return "not reproduced: they differ beyond the seeds", d
+        return "reproduced: on par within the seeds", d
     if not beyond:
         side = "the paper's direction" if mean > 0 else "the other direction"
         return f"not reproduced: within the spread of the seeds ({side})", d
@@ -326,7 +330,8 @@ P, sampling_ratio = 4, 2
 
 def sample_points(rois, stride):
     """RoIAlign's sampling points in image pixels: x [P * g], y [P * g]."""
-    y, x, _, _, _ = sampling_grid(rois, (P, P), 1 / stride, sampling_ratio, aligned=False)  # [R, P, g] in feature pixels
+    # [R, P, g] each, in feature pixels
+    y, x, _, _, _ = sampling_grid(rois, (P, P), 1 / stride, sampling_ratio, aligned=False)
     return x[0].flatten() * stride, y[0].flatten() * stride
 
 
@@ -373,7 +378,8 @@ for stride in (16, 32):
 def where_each_bin_reads(rois, stride, size=7):
     """Per layer, the image position [R, 2, P, P] (x, y) whose features each bin of each RoI reads."""
     cells = 128 // stride
-    y, x = torch.meshgrid(torch.arange(cells, dtype=torch.float32), torch.arange(cells, dtype=torch.float32), indexing="ij")
+    positions = torch.arange(cells, dtype=torch.float32)  # [128 / S]
+    y, x = torch.meshgrid(positions, positions, indexing="ij")
     features = torch.stack([x, y, -x, -y])[None]  # [N, C, H, W] = [1, 4, 128 / S, 128 / S]
     align = roi_align(features, rois, size, 1 / stride, sampling_ratio=2)[:, :2]  # [R, 2, P, P]
     warp = roi_warp(features, rois, size, 1 / stride, sampling_ratio=2)[:, :2]  # [R, 2, P, P]
@@ -438,7 +444,8 @@ print("stride | mean corner shift (px) | mean IoU(box, rounded box) | boxes with
 for stride in (4, 8, 16, 32):
     rounded = quantize_rois(rois, 1 / stride)[:, 1:]  # [R, 4]
     iou = box_iou_pairs(boxes, rounded)
-    print(f"{stride:6d} | {(rounded - boxes).abs().mean():22.2f} | {iou.mean():26.3f} | {(iou < 0.7).float().mean():.0%}")
+    print(f"{stride:6d} | {(rounded - boxes).abs().mean():22.2f} | {iou.mean():26.3f} | "
+          f"{(iou < 0.7).float().mean():.0%}")
 levels = fpn_level(boxes, 2, 5)
 print("FPN level of these boxes (eq. 1 of the FPN paper):",
       {f"P{int(k)}": int((levels == k).sum()) for k in levels.unique()})  # fmt: skip
@@ -447,7 +454,8 @@ read_error = {}
 for stride in (16, 32):
     for name, read in where_each_bin_reads(rois, stride).items():  # [R, 2, P, P] each
         read_error[name, stride] = (read - bin_centres(boxes)).norm(dim=1).mean().item()
-    print(f"stride {stride}: " + ", ".join(f"{name} {read_error[name, stride]:.1f}" for name in ("RoIAlign", "RoIWarp", "RoIPool")))
+    layers = ("RoIAlign", "RoIWarp", "RoIPool")
+    print(f"stride {stride}: " + ", ".join(f"{name} {read_error[name, stride]:.1f}" for name in layers))
 
 # %% [markdown]
 # The last line matters for reading our results: with FPN, a RoI is pooled from the level that
@@ -490,7 +498,8 @@ show_reading("2d")
 if results is not None and all(arm_stats(a) for a in ("c4_align", "c4_warp", "c4_pool")):
     said = lambda a, b, key="mask_AP", claim="better": verdict(a, b, key, claim)[0]  # noqa: E731
     align_ahead = said("c4_align", "c4_pool") == said("c4_align", "c4_warp") == "reproduced"
-    warp_pool, (warp_minus_pool, _, _) = said("c4_warp", "c4_pool", claim="on par"), paired_difference("c4_warp", "c4_pool")
+    warp_pool = said("c4_warp", "c4_pool", claim="on par")
+    warp_minus_pool = paired_difference("c4_warp", "c4_pool")[0]
     kept = arm_stats("c4_pool")["mask_AP"]["mean"] / arm_stats("c4_align")["mask_AP"]["mean"]
     text = [("At stride 16 RoIAlign is ahead of both older layers beyond the seeds, as in the paper, and by more: "
              if align_ahead else "At stride 16 RoIAlign is not ahead of both older layers beyond the seeds: ")
@@ -504,8 +513,9 @@ if results is not None and all(arm_stats(a) for a in ("c4_align", "c4_warp", "c4
             "found them on par. ")
         if side == "below" and read_error["RoIWarp", 16] < read_error["RoIPool", 16]:
             text.append(
-                f"It is not where they read: over the shapes' boxes RoIWarp's bins read {read_error['RoIWarp', 16]:.1f} px "
-                f"from their centres at stride 16, RoIPool's {read_error['RoIPool', 16]:.1f} px (the distances above). The "
+                "It is not where they read: over the shapes' boxes RoIWarp's bins read "
+                f"{read_error['RoIWarp', 16]:.1f} px from their centres at stride 16, RoIPool's "
+                f"{read_error['RoIPool', 16]:.1f} px (the distances above). The "
                 "two older layers differ in more than the rounding of the bins: RoIPool takes the maximum over whole "
                 "cells, RoIWarp a bilinear average, and at this scale that difference, which this page does not "
                 "measure, outweighs the rounding. The paper's use of RoIWarp, to isolate the rounding, therefore does "
@@ -536,17 +546,19 @@ if results is not None and all(arm_stats(a) for a in ("c4_align", "c4_pool", "c5
     if gap32 < gap16:
         text.append(f"The paper's gap grows from stride 16 to stride 32 (+3.4 to +7.3 mask AP); here it shrinks, from "
                     f"{gap16:+.1f} to {gap32:+.1f}, ")
-        text.append(f"and as a share too: RoIPool keeps {kept32:.0%} of RoIAlign's mask AP at stride 32, {kept16:.0%} at "
-                    "stride 16. " if kept32 > kept16 else f"although as a share it grows: RoIPool keeps {kept32:.0%} of "
-                    f"RoIAlign's mask AP at stride 32, {kept16:.0%} at stride 16. ")
-        text.append("Its direction holds (the verdicts above), but the claim that the gap grows with the stride is not "
-                    "reproduced at this scale: with every stride-32 model this weak, there is little room for a large gap. ")
+        shares = f"RoIPool keeps {kept32:.0%} of RoIAlign's mask AP at stride 32, {kept16:.0%} at stride 16. "
+        text.append(("and as a share too: " if kept32 > kept16 else "although as a share it grows: ") + shares)
+        text.append("Its direction holds (the verdicts above), but the claim that the gap grows with the stride "
+                    "is not reproduced at this scale: with every stride-32 model this weak, there is little room "
+                    "for a large gap. ")
     else:
-        text.append(f"As in the paper the gap grows, from {gap16:+.1f} mask AP at stride 16 to {gap32:+.1f} at stride 32. ")
+        text.append(f"As in the paper the gap grows, from {gap16:+.1f} mask AP at stride 16 to {gap32:+.1f} "
+                    "at stride 32. ")
     if arm_stats("c5_warp"):
         order = sorted(("c5_align", "c5_warp", "c5_pool"), key=level, reverse=True)
         names = {"c5_align": "RoIAlign", "c5_warp": "RoIWarp", "c5_pool": "RoIPool"}
-        text.append(f"RoIWarp, which the paper did not run at stride 32, lands at {level('c5_warp'):.1f}: the order of the "
+        text.append("RoIWarp, which the paper did not run at stride 32, lands at "
+                    f"{level('c5_warp'):.1f}: the order of the "
                     f"three layers is {' > '.join(names[a] for a in order)}. ")
     display(Markdown("".join(text)))
 
@@ -637,7 +649,9 @@ show_source(softmax_decision)
 
 # %% tags=["remove-input"]
 if results is not None and arm_stats("fpn") and arm_stats("fpn_softmax"):
-    winner, two_way = paired_difference("fpn", "fpn_softmax"), paired_difference("fpn", "fpn_softmax", key_b="mask_two_way_AP")
+    winner = paired_difference("fpn", "fpn_softmax")
+    two_way = paired_difference("fpn", "fpn_softmax", key_b="mask_two_way_AP")
+    loss_costs = verdict("fpn", "fpn_softmax", "mask_AP", "better", "mask_two_way_AP")[0] == "reproduced"
     gap, remains = round(winner[0], 1), round(two_way[0], 1)  # as printed: the two parts add up to the whole
     text = [
         f"On the shapes, the softmax arm read by the winning class is {gap:.1f} mask AP below the sigmoid "
@@ -647,7 +661,7 @@ if results is not None and arm_stats("fpn") and arm_stats("fpn_softmax"):
         f"(the winning class against $m_k > m_0$, the same models), and {remains:.1f} remain when the other "
         "classes are ignored: "
         + ("the softmax masks are worse even against the background alone, so the loss, not only the "
-           "competition at decoding, costs accuracy." if verdict("fpn", "fpn_softmax", "mask_AP", "better", "mask_two_way_AP")[0] == "reproduced"
+           "competition at decoding, costs accuracy." if loss_costs
            else "against the background alone the softmax masks are within the seeds' spread of the sigmoid's: "
                 "what the softmax loses is the competition between classes.")
     ]  # fmt: skip
@@ -711,7 +725,8 @@ if share:
          "AP$_{75}$: " + ("it loses most where the outline must be exact, the paper's reading (the FCN keeps the "
                           "spatial layout)." if coarse else "it loses about as much at the loose threshold as at the "
                           "strict one, so the loss is not only in the outline."))
-        + (f" Its box AP falls too ({share['box_AP']:.0%} of the FCN arm's): the mask loss also trains the trunk and the "
+        + (f" Its box AP falls too ({share['box_AP']:.0%} of the FCN arm's): the mask loss also trains the "
+           "trunk and the "
            "FPN that the box branch reads (section 4.3 below asks how much), so a worse mask head can cost box AP too."
            if share["box_AP"] < 0.95 else "")))
 
@@ -762,7 +777,8 @@ d = paired_difference("fpn", "faster_fpn", "box_AP")
 if d is not None:
     mean, std, values = d
     positive = sum(v > 0 for v in values)
-    text = (f"Here {positive} of {len(values)} seeds give the model with the mask branch the better boxes, with a median "
+    text = (f"Here {positive} of {len(values)} seeds give the model with the mask branch the better boxes, "
+            "with a median "
             f"difference of {float(np.median(values)):+.1f} box AP (paper: +0.9).")
     if positive in (0, len(values)) and verdict("fpn", "faster_fpn", "box_AP", "better")[0] != "reproduced":
         text += (f" The sign is the same for every seed, the size is not ({', '.join(f'{v:+.1f}' for v in values)}), "
@@ -802,12 +818,14 @@ if results is not None:
     load = f" (one-minute load average {load[0]} to {load[1]} over the runs)" if load else ""
     rescored = results.get("rescored", [])
     if rescored:
-        commits += (f"; the softmax arm's runs were scored again from their checkpoints, by the winning class, at commit "
+        commits += ("; the softmax arm's runs were scored again from their checkpoints, by the winning class, "
+                    "at commit "
                     f"{', '.join(sorted({entry.split()[-1][:7] for entry in rescored}))} (`--rescore`)")
     display(Markdown(
         f"The sweep: {len(results['arms'])} arms, seeds {settings['seeds']}, code commit(s) {commits}, on "
         f"{machine['cpu_count']} cores{load}. The spread over seeds is printed with every number; few seeds make "
-        f"\"beyond the seeds\" a weak test, and the COCO numbers next to ours are there for the direction, not the level."))
+        "\"beyond the seeds\" a weak test, and the COCO numbers next to ours are there for the direction, "
+        "not the level."))
 
 # %% [markdown]
 # ## What to try next

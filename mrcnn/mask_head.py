@@ -254,7 +254,8 @@ class MaskBranch(RoIBranch):
         if self.loss_function == "softmax":  # a per-pixel softmax decides by its largest class
             probabilities = softmax_decision(mask_logits, channel)[:, None]  # [D, 1, M, M]
         else:
-            probabilities = mask_logits[detection_index, channel].sigmoid()[:, None]  # [D, 1, M, M]: the predicted class only
+            # [D, 1, M, M]: the predicted class only
+            probabilities = mask_logits[detection_index, channel].sigmoid()[:, None]
         per_image = probabilities.split([d["labels"].shape[0] for d in detections])
         return [{**d, "masks": masks} for d, masks in zip(detections, per_image)]
 

@@ -230,24 +230,7 @@ def test_chapter_follows_the_house_plan(chapter):
 # The content column holds code lines of about 130 characters at a 1280 px window (book/stylesheets/,
 # measured by tests/test_site.py); 120 leaves the code block its padding.
 CODE_WIDTH = 120
-# Chapters whose owners have yet to wrap the code cells that are too wide, and why
-CODE_CELLS_TOO_WIDE = {
-    "03_3_roi_align.py": "an import line of 122 characters, left to the chapter's owner",
-    "03_6_inference.py": "a print of 128 characters, left to the chapter's owner",
-    "04_2_ablations.py": "lines of up to 145 characters, in a chapter being rewritten by its owner",
-}
-# Code that a chapter shows and that is yet to be rewrapped ("module:qualified name"), and why
-SHOWN_SOURCE_TOO_WIDE = {
-    "benchmarks.stages:stage_ranges": "hand-aligned tables of 129 to 135 characters; benchmarks/ was not part of the rewrap",
-    "mrcnn.mask_head:MaskBranch.predict": "a line of 122 characters in a method its owner is editing (the softmax decision)",
-}
-
-
-@pytest.mark.parametrize(
-    "chapter",
-    [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=CODE_CELLS_TOO_WIDE[name])) if name in CODE_CELLS_TOO_WIDE
-     else name for name in PRESENT],
-)  # fmt: skip
+@pytest.mark.parametrize("chapter", PRESENT)
 def test_code_cells_fit_the_content_column(chapter):
     """No line of a code cell is wider than CODE_WIDTH; the markdown cells are prose, which wraps."""
     too_wide = [f"{len(line)}: {line.strip()[:80]}" for cell in _cells(chapter) if cell.cell_type == "code"
@@ -308,25 +291,21 @@ def shown_objects(chapter: str) -> list[tuple[str, object]]:
 @pytest.mark.parametrize("chapter", PRESENT)
 def test_shown_source_fits_the_content_column(chapter, monkeypatch):
     """No line of the code a chapter shows with `show_source` (whole objects, dedented as shown) is wider than
-    CODE_WIDTH, but for SHOWN_SOURCE_TOO_WIDE, which must still be too wide (then rewrapped, it leaves the list)."""
+    CODE_WIDTH."""
     monkeypatch.syspath_prepend(str(BOOK))  # the chapters import book_helpers from their folder ...
     monkeypatch.syspath_prepend(str(ROOT))  # ... and benchmarks/ from the checkout
     shown = shown_objects(chapter)
     assert shown, f"{chapter} shows no code with show_source"
-    too_wide, rewrapped = [], []
+    too_wide = []
     for expression, obj in shown:
         lines, first = inspect.getsourcelines(obj)
         path = Path(inspect.getsourcefile(inspect.unwrap(obj))).resolve()
         where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
         wide = [f"  {where}:{first + index}: {len(line)} characters"
                 for index, line in enumerate(textwrap.dedent("".join(lines)).splitlines()) if len(line) > CODE_WIDTH]  # fmt: skip
-        name = f"{getattr(obj, '__module__', '')}:{getattr(obj, '__qualname__', '')}"
-        if name in SHOWN_SOURCE_TOO_WIDE:
-            rewrapped += [] if wide else [name]
-        elif wide:
+        if wide:
             too_wide.append(f"show_source({expression}):\n" + "\n".join(wide))
     assert not too_wide, f"{chapter} shows lines wider than {CODE_WIDTH} characters (rewrap them):\n" + "\n".join(too_wide)
-    assert not rewrapped, f"rewrapped, so take them off SHOWN_SOURCE_TOO_WIDE: {rewrapped}"
 
 
 def test_a_piece_of_shown_source_is_found_by_its_markers():
