@@ -148,7 +148,8 @@ def show_table(table):
         cell = lambda key: f"{stats[key]['mean']:.1f} ± {stats[key]['std']:.1f}" if key in stats else "-"  # noqa: E731
         other = "mask" if primary == "box" else "box"
         per_seed = ", ".join(f"{v:.1f}" for v in stats[f"{primary}_AP"]["values"])
-        rows.append(f"| {row['label']} | {cell(primary + '_AP')} | {cell(primary + '_AP50')} "
+        read = ", read by the winning class" if any(f"{key}_AP" in stats for key in READINGS) else ""
+        rows.append(f"| {row['label']}{read} | {cell(primary + '_AP')} | {cell(primary + '_AP50')} "
                     f"| {cell(primary + '_AP75')} "
                     f"| {cell(other + '_AP')} | {per_seed} | {paper_text} |")  # fmt: skip
         for key in READINGS:  # the softmax arm's same models, their masks read the other ways
