@@ -302,7 +302,7 @@ def train(model: nn.Module, dataset, settings: TrainSettings, output_dir: str | 
     with TrainingLog(run, progress) as log:
         for keys, images, targets in loader:
             step = keys[0][0]  # 0-based; the record and the checkpoint count steps done, step + 1
-            unreadable = [message for image, message in zip(images, targets) if image is None]
+            unreadable = unreadable_images(run, images, targets)  # in any process: every process stops
             if unreadable:
                 check_finite(run, log.read(), step + 1)  # the steps done, before they are saved
                 raise stop_on_unreadable_data(run, step, unreadable[0])
@@ -337,6 +337,7 @@ class Run:
     metadata: dict  # saved in every checkpoint
     start_step: int  # steps done before this call: 0, or the resumed checkpoint's
     last_saved: int  # the step of the last checkpoint written (0: none yet)
+    control: object = None  # under DDP, a CPU (gloo) process group for the processes' agreements
 
 
 def start_run(model: nn.Module, settings: TrainSettings, output_dir: Path, device: str | torch.device,
@@ -357,8 +358,9 @@ def start_run(model: nn.Module, settings: TrainSettings, output_dir: Path, devic
         network = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    control = dist.new_group(backend="gloo") if world_size > 1 else None  # host-side: no device synchronisation
     return Run(model, network, optimizer, scheduler, scaler, settings, device, rank, world_size, checkpoint_path,
-               metadata, start_step, last_saved=start_step)  # fmt: skip
+               metadata, start_step, last_saved=start_step, control=control)  # fmt: skip
 
 
 def build_optimizer(model: nn.Module, settings: TrainSettings, device: torch.device) -> tuple:
@@ -450,9 +452,8 @@ def update_weights(run: Run) -> None:
     run.optimizer.zero_grad(set_to_none=True)
 
 
-def save_progress(run: Run, steps: int, alone: bool = False) -> None:
-    """Write the checkpoint of `steps` steps (rank 0; the other processes wait for it). `alone`: this
-    process writes it and waits for no one (it stops on its own; the weights are the same in every one).
+def save_progress(run: Run, steps: int) -> None:
+    """Write the checkpoint of `steps` steps (rank 0; the other processes wait for it).
 
     A model whose weights are no longer finite is not saved: `NonFiniteWeightsError`, and the last
     checkpoint stays as it was.
@@ -461,19 +462,37 @@ def save_progress(run: Run, steps: int, alone: bool = False) -> None:
     if not torch.stack([torch.isfinite(value).all() for value in weights]).all():
         raise NonFiniteWeightsError(stopped(run, steps, "the weights are not finite after this step's update; "
                                                         "they were not saved"))  # fmt: skip
-    if run.rank == 0 or alone:
+    if run.rank == 0:
         save_checkpoint(run.checkpoint_path, run.model, run.model.config, steps, run.optimizer, run.scheduler,
                         run.scaler, dataclasses.asdict(run.settings), run.metadata)  # fmt: skip
     run.last_saved = steps
-    if run.world_size > 1 and not alone:
+    if run.world_size > 1:
         dist.barrier()
+
+
+def unreadable_images(run: Run, images: list, targets: list) -> list[str]:
+    """The messages of this step's images that cannot be read (`TrainingImages` gives None and the
+    message in their place), those of every process under DDP: the processes agree before the step,
+    over the CPU group `run.control`, so that all of them stop together instead of one stopping and
+    the others failing in the gradients' all-reduce. One integer a step is all they exchange."""
+    unreadable = [message for image, message in zip(images, targets) if image is None]
+    if run.world_size == 1:
+        return unreadable
+    count = torch.tensor([len(unreadable)])
+    dist.all_reduce(count, group=run.control)
+    if not count.item():
+        return []
+    everyones = [None] * run.world_size
+    dist.all_gather_object(everyones, unreadable, group=run.control)
+    return [message for messages in everyones for message in messages]
 
 
 def stop_on_unreadable_data(run: Run, steps: int, message: str) -> UnreadableDataError:
     """The error of a run whose next step has data that cannot be read (`message` names the file),
-    once the `steps` steps done are saved: nothing already trained is lost."""
+    once the `steps` steps done are saved: nothing already trained is lost. Every process stops here
+    (`unreadable_images`), so the checkpoint is written as at any other step."""
     if steps > run.last_saved:
-        save_progress(run, steps, alone=True)
+        save_progress(run, steps)
     if steps:
         done = f"{steps} step" + ("s" if steps > 1 else "")
         what = f"the checkpoint of the {done} done is {run.checkpoint_path}: fix the file, then continue with --resume"
