@@ -145,8 +145,11 @@ def assert_same_detections(ours: dict, theirs: dict, limit: int, tie: float = 1e
     assert pairs.sum(0).le(1).all() and pairs.sum(1).le(1).all()  # after NMS no two alike in one class
     i, j = torch.where(pairs)
     torch.testing.assert_close(ours["scores"][i], theirs["scores"][j], atol=tie, rtol=0)
-    # pasting sums the same weighted pixels in another order: a few pixels differ in the 4th decimal
-    torch.testing.assert_close(ours["masks"][i], theirs["masks"][j], atol=5e-4, rtol=1e-3)
+    # pasting sums the same weighted pixels in another order, into boxes that agree to ~1e-3 px: where a
+    # mask changes fast, a few pixels differ in the 4th decimal (9.2e-4 at 4 pixels of 6 million, measured
+    # with MKL's reproducible mode, which mrcnn asks for: MKL_CBWR=AUTO,STRICT); nearly all agree to 5e-4
+    torch.testing.assert_close(ours["masks"][i], theirs["masks"][j], atol=2e-3, rtol=1e-3)
+    assert ((ours["masks"][i] - theirs["masks"][j]).abs() > 5e-4).float().mean() < 1e-5
     decided = (theirs["masks"][j] - 0.5).abs() > 1e-3  # untrained masks hover near 0.5
     assert torch.equal((ours["masks"][i] >= 0.5)[decided], (theirs["masks"][j] >= 0.5)[decided])
     alone_ours, alone_theirs = ours["scores"][~pairs.any(1)], theirs["scores"][~pairs.any(0)]
