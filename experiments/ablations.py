@@ -188,15 +188,17 @@ def finished(output_dir: Path, arm: str, seed: int, settings: dict) -> dict | No
 
 
 # The other ways to read a softmax-loss model's masks, scored beside the library's (where the
-# object's class k wins the pixel, `mrcnn.mask_head.softmax_decision`): each maps the mask
-# logits `[D, K, M, M]` and the detections' classes `[D]` to a map `[D, M, M]` cut at one half.
+# object's class k wins the pixel, `mrcnn.mask_head.softmax_decision`): the metrics key of each,
+# what it is, and its rule, which maps the mask logits `[D, K, M, M]` and the detections'
+# classes `[D]` to a map `[D, M, M]` cut at one half. Its summary key is "mask_..." for "segm_...".
 SOFTMAX_READINGS = {
-    # p_k > 1/2: the softmax probability of class k over all K classes. Where the probability is
-    # shared among classes, k can win the pixel and still fall short of one half.
-    "segm_p_k": lambda logits, k, index: logits.softmax(dim=1)[index, k],
-    # p_k / (p_k + p_0) = sigmoid(m_k - m_0) > 1/2: class k against the background alone.
-    "segm_two_way": lambda logits, k, index: (logits[index, k] - logits[:, 0]).sigmoid(),
-}
+    # Where the probability is shared among classes, k can win the pixel and fall short of one half.
+    "segm_p_k": ("p_k > 1/2 (the softmax probability of class k over all classes)",
+                 lambda logits, k, index: logits.softmax(dim=1)[index, k]),
+    # p_k / (p_k + p_0) = sigmoid(m_k - m_0)
+    "segm_two_way": ("sigmoid(m_k - m_0) > 1/2 (class k against the background only)",
+                     lambda logits, k, index: (logits[index, k] - logits[:, 0]).sigmoid()),
+}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -207,7 +209,7 @@ def softmax_mask_reading(model, reading: str):
     belongs to the class that wins it. The other readings tell how much of the variant's mask
     AP is the decoding rule rather than the training.
     """
-    rule = SOFTMAX_READINGS[reading]
+    _, rule = SOFTMAX_READINGS[reading]
     branch = model.mask_branch
     library_predict = branch.predict
 
@@ -304,17 +306,18 @@ def rescore(args: argparse.Namespace, arms: list[str]) -> list[str]:
             record = finished(args.output_dir, arm, seed, settings)
             if record is None or not needs_rescoring(record):
                 continue
-            directory = record_path(args.output_dir, arm, seed).parent
+            path = record_path(args.output_dir, arm, seed)
+            directory = path.parent
             checkpoint = load_checkpoint(directory / "checkpoint.pt")
             if checkpoint["step"] != record["steps"]:
                 raise RuntimeError(f"{directory}: the checkpoint holds step {checkpoint['step']}, the record {record['steps']} steps")
             val_set = val_set or open_dataset(args.output_dir / "shapes", "val")
             model = model_from_checkpoint(checkpoint, directory / "checkpoint.pt").eval()
             previous = record["metrics"]
-            record["metrics"] = {"bbox": previous["bbox"], **score(model, val_set, directory)}
+            record["metrics"] = score(model, val_set, directory)
             record["rescored"] = {"code": code_version(), "previous_metrics": previous,
                                   "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}  # fmt: skip
-            write_record(record_path(args.output_dir, arm, seed), record)
+            write_record(path, record)
             done.append(f"{arm} seed {seed}")
             new = record["metrics"]
             print(f"{arm} seed {seed} scored again: mask AP {100 * new['segm']['AP']:.1f} (the class that wins the pixel), "
@@ -355,7 +358,8 @@ def summarize_arm(records: list[dict]) -> dict:
     """Per-arm statistics over its seeds, AP in percent (as the paper prints them)."""
     records = sorted(records, key=lambda r: r["seed"])
     summary = {"seeds": [r["seed"] for r in records], "preset": records[0]["preset"], "changes": records[0]["changes"]}
-    for iou_type, key in (("segm", "mask"), ("bbox", "box"), ("segm_p_k", "mask_p_k"), ("segm_two_way", "mask_two_way")):
+    readings = [(reading, reading.replace("segm", "mask", 1)) for reading in SOFTMAX_READINGS]
+    for iou_type, key in (("segm", "mask"), ("bbox", "box"), *readings):
         if all(iou_type in r["metrics"] for r in records):
             for metric in METRICS:
                 summary[f"{key}_{metric}"] = spread([100 * r["metrics"][iou_type][metric] for r in records])
@@ -443,8 +447,8 @@ def markdown(record: dict) -> str:
                          f"{paper_numbers[1]} | {stats['train_seconds']['mean']:.0f} |")  # fmt: skip
         for row in spec["rows"]:
             stats = arms.get(row["arm"]) or {}
-            for key, reading in (("mask_p_k", "p_k > 1/2 (the softmax probability of class k over all classes)"),
-                                 ("mask_two_way", "sigmoid(m_k - m_0) > 1/2 (class k against the background only)")):  # fmt: skip
+            for name, (reading, _) in SOFTMAX_READINGS.items():
+                key = name.replace("segm", "mask", 1)
                 if f"{key}_AP" in stats:
                     values = ", ".join(f"{v:.1f}" for v in stats[f"{key}_AP"]["values"])
                     lines += ["", f"{row['arm']}, the same models with masks read as {reading} instead of by the class "

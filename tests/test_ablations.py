@@ -137,12 +137,18 @@ def test_summary_gives_mean_and_sample_std_over_seeds_and_the_table3_gain(ablati
 # One arm, end to end
 
 
-@pytest.mark.slow
-def test_one_arm_end_to_end_writes_a_record_and_is_skipped_the_second_time(ablations, tmp_path, capsys):
+def tiny_sweep(tmp_path, arm: str, seed: int) -> tuple[list[str], object, object]:
+    """The command line of one (arm, seed) run at a tiny budget, its output folder and results file."""
     out, results = tmp_path / "runs", tmp_path / "results" / "ablations.json"
-    argv = ["--arms", "faster_fpn", "--seeds", "3", "--iterations", "2", "--batch-size", "2", "--warmup", "1",
+    argv = ["--arms", arm, "--seeds", str(seed), "--iterations", "2", "--batch-size", "2", "--warmup", "1",
             "--num-train", "6", "--num-val", "3", "--processes", "1", "--output-dir", str(out),
             "--results", str(results)]  # fmt: skip
+    return argv, out, results
+
+
+@pytest.mark.slow
+def test_one_arm_end_to_end_writes_a_record_and_is_skipped_the_second_time(ablations, tmp_path, capsys):
+    argv, out, results = tiny_sweep(tmp_path, "faster_fpn", 3)
     assert ablations.main(argv) == 0
     record = json.loads(ablations.record_path(out, "faster_fpn", 3).read_text())
     assert (record["arm"], record["seed"], record["steps"]) == ("faster_fpn", 3, 2)
@@ -194,10 +200,7 @@ def test_the_other_readings_of_softmax_masks(ablations):
 
 @pytest.mark.slow
 def test_rescoring_reads_an_older_softmax_run_by_the_winning_class_and_keeps_what_it_had(ablations, tmp_path, capsys):
-    out, results = tmp_path / "runs", tmp_path / "results" / "ablations.json"
-    argv = ["--arms", "fpn_softmax", "--seeds", "1", "--iterations", "2", "--batch-size", "2", "--warmup", "1",
-            "--num-train", "6", "--num-val", "3", "--processes", "1", "--output-dir", str(out),
-            "--results", str(results)]  # fmt: skip
+    argv, out, results = tiny_sweep(tmp_path, "fpn_softmax", 1)
     assert ablations.main(argv) == 0
     path = ablations.record_path(out, "fpn_softmax", 1)
     record = json.loads(path.read_text())
